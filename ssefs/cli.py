@@ -1,0 +1,252 @@
+"""The ``ssefs`` command: options, exit codes and logging set-up.
+
+Built on click (declarative commands, ``--help`` on every command, and the
+de-facto standard for Python CLIs). Every failure a user can cause ends in one
+line on stderr, ``ssefs: <what is wrong>``, and exit code 1; usage errors exit
+with 2. The SSE-C key is never a command-line value: it comes from the config's
+key source. ``mount --background`` starts the daemon as a child and returns only
+once the child reports over a pipe that the mount is live, or why it failed.
+Logging is plain text (journald-friendly, no colour) and passes through a filter
+that scrubs any encoding of the key should a library ever try to log it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+import click
+import trio
+
+from . import __version__
+from .config import Config, load_config
+from .errors import SsefsError
+from .keys import SseKey, load_key, write_new_key
+
+log = logging.getLogger("ssefs")
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+# How long ``mount --background`` waits for the daemon to report; start-up checks
+# against an unreachable server give up well before this (bounded retries).
+BACKGROUND_START_TIMEOUT_SECONDS = 300.0
+UMOUNT_WAIT_SECONDS = 600.0
+
+
+class RedactingFilter(logging.Filter):
+    """Replaces any of the given secret strings in a log record with ``[redacted]``."""
+
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        super().__init__()
+        self._secrets = tuple(s for s in secrets if s)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(secret in message for secret in self._secrets):
+            for secret in self._secrets:
+                message = message.replace(secret, "[redacted]")
+            record.msg, record.args = message, None
+        if record.exc_info and record.exc_info[1] is not None:
+            text = str(record.exc_info[1])
+            if any(secret in text for secret in self._secrets):
+                record.exc_info = None
+                record.exc_text = None
+                record.msg = f"{record.msg} (exception text withheld: it contained key material)"
+        return True
+
+
+def configure_logging(level: str, log_file: Path | None = None) -> None:
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        handler: logging.Handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # These libraries log request headers at DEBUG, and the SSE-C key is a header.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def protect_logs(key: SseKey) -> None:
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter(key.redaction_strings()))
+
+
+def fail(message: str, ready_fd: int | None = None) -> NoReturn:
+    if ready_fd is not None:
+        _report(ready_fd, f"ERROR {message}")
+    click.echo(f"ssefs: {message}", err=True)
+    sys.exit(1)
+
+
+def _report(ready_fd: int, line: str) -> None:
+    try:
+        os.write(ready_fd, (line.replace("\n", " ") + "\n").encode())
+        os.close(ready_fd)
+    except OSError:
+        pass
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ssefs")
+def main() -> None:
+    """Mount an S3 bucket whose objects are encrypted with SSE-C (customer-provided keys)."""
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--background", is_flag=True, help="Return once the mount is live; the daemon keeps running.")
+@click.option("--skip-key-check", is_flag=True, help="Mount even if existing objects do not open with the key.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Log here instead of stderr (background default: CACHE_DIR/ssefs.log).")
+@click.option("--ready-fd", type=int, hidden=True)
+def mount(
+    config_path: Path, mountpoint: Path, background: bool, skip_key_check: bool,
+    log_level: str, log_file: Path | None, ready_fd: int | None,
+) -> None:
+    """Mount the bucket described by CONFIG at MOUNTPOINT (foreground by default)."""
+    configure_logging(log_level, log_file)
+    try:
+        config = load_config(config_path)
+        key = load_key(config.key)
+    except SsefsError as error:
+        fail(str(error), ready_fd)
+    protect_logs(key)
+    mountpoint = mountpoint.absolute()
+    if background:
+        sys.exit(_start_background(config, mountpoint, skip_key_check, log_level, log_file))
+    run_mount(config, key, mountpoint, skip_key_check=skip_key_check, ready_fd=ready_fd)
+
+
+def run_mount(
+    config: Config, key: SseKey, mountpoint: Path, *, skip_key_check: bool = False,
+    ready_fd: int | None = None, on_ready_message: str | None = None,
+) -> None:
+    from .mount import serve  # pyfuse3 is imported only by commands that mount
+
+    def on_ready() -> None:
+        if ready_fd is not None:
+            _report(ready_fd, "READY")
+        if on_ready_message:
+            click.echo(on_ready_message, err=True)
+
+    try:
+        trio.run(lambda: serve(config, key, mountpoint, skip_key_check=skip_key_check, on_ready=on_ready))
+    except SsefsError as error:
+        fail(str(error), ready_fd)
+    except RuntimeError as error:  # pyfuse3.init reports mount failures this way
+        fail(f"cannot mount at {mountpoint}: {error}", ready_fd)
+
+
+def _start_background(
+    config: Config, mountpoint: Path, skip_key_check: bool, log_level: str, log_file: Path | None
+) -> int:
+    log_file = log_file or config.cache.dir / "ssefs.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    read_end, write_end = os.pipe()
+    command = [
+        sys.executable, "-m", "ssefs", "mount", str(config.path), str(mountpoint),
+        "--ready-fd", str(write_end), "--log-level", log_level, "--log-file", str(log_file),
+    ]
+    if skip_key_check:
+        command.append("--skip-key-check")
+    stderr_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    daemon = subprocess.Popen(
+        command, pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=stderr_fd, start_new_session=True, cwd="/",
+    )
+    os.close(write_end)
+    os.close(stderr_fd)
+    with os.fdopen(read_end, "rb") as pipe:
+        ready, _, _ = select.select([pipe], [], [], BACKGROUND_START_TIMEOUT_SECONDS)
+        line = pipe.readline().decode(errors="replace").strip() if ready else ""
+    if line == "READY":
+        click.echo(f"ssefs: mounted at {mountpoint} (daemon pid {daemon.pid}, log {log_file})", err=True)
+        return 0
+    if line.startswith("ERROR "):
+        click.echo(f"ssefs: {line[len('ERROR '):]}", err=True)
+    elif not ready:
+        click.echo(f"ssefs: the daemon did not become ready in time; see {log_file}", err=True)
+    else:
+        code = daemon.wait()
+        click.echo(f"ssefs: the daemon exited with code {code} before mounting; see {log_file}", err=True)
+    return 1
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+def umount(mountpoint: Path) -> None:
+    """Unmount MOUNTPOINT and wait until its daemon has uploaded everything and exited."""
+    from .mount import state_file
+
+    mountpoint = mountpoint.absolute()
+    state = state_file(mountpoint)
+    pid: int | None = None
+    try:
+        pid = int(json.loads(state.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        pass
+    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if result.returncode != 0:
+        fail(f"cannot unmount {mountpoint}: {result.stderr.strip() or 'fusermount3 failed'}")
+    if pid is not None:
+        deadline = time.monotonic() + UMOUNT_WAIT_SECONDS
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            fail(f"unmounted {mountpoint}, but daemon {pid} is still uploading; it will finish on its own")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat") as stat_file:
+            return stat_file.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def keygen(path: Path) -> None:
+    """Write a new random 32-byte SSE-C key to PATH (mode 0600; never overwrites)."""
+    try:
+        key = write_new_key(path)
+    except SsefsError as error:
+        fail(str(error))
+    click.echo(f"wrote a new key to {path} (fingerprint {key.fingerprint}); keep a copy somewhere safe:"
+               " without it the data cannot be read", err=True)
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=lambda: str(Path.home() / ".local/share/ssefs/demo"), show_default="~/.local/share/ssefs/demo",
+              help="Where the local server keeps its data, key and config.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
+def demo(mountpoint: Path, data_dir: Path, log_level: str) -> None:
+    """Start a local SeaweedFS over HTTPS, create a bucket and a key, and mount it at MOUNTPOINT."""
+    from .demo import run_demo
+
+    configure_logging(log_level)
+    try:
+        run_demo(mountpoint.absolute(), data_dir.absolute())
+    except SsefsError as error:
+        fail(str(error))

@@ -1,0 +1,332 @@
+"""The per-mount configuration: one TOML file, validated into frozen dataclasses.
+
+This module owns reading and checking the config file and nothing else: it
+resolves relative paths against the file's directory, parses sizes such as
+``"10GiB"``, rejects unknown keys (a typo must not silently become a default),
+and refuses unsafe settings (plain ``http://`` without ``allow_insecure_http``,
+S3 secrets in a file that others can read). It names where the SSE-C key comes
+from but never reads key bytes: that is ``keys.py``'s job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .errors import ConfigError
+
+MiB = 1024 * 1024
+# S3 refuses multipart parts under 5 MiB (except the last one).
+MIN_PART_SIZE = 5 * MiB
+# S3 refuses single parts and single PUTs above 5 GiB.
+MAX_PART_SIZE = 5 * 1024 * MiB
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}
+
+
+def parse_size(value: object, *, what: str) -> int:
+    """Parse ``1048576``, ``"64MiB"``, ``"10 GB"`` into bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size such as \"10GiB\", got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{what}: size must not be negative")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{what}: expected a size such as \"10GiB\", got {value!r}")
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ConfigError(f"{what}: cannot read {value!r} as a size (examples: 512MiB, 10GiB, 1TB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str
+    bucket: str
+    region: str = "us-east-1"
+    prefix: str = ""
+    ca_bundle: Path | None = None
+    allow_insecure_http: bool = False
+    profile: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+    addressing_style: str = "path"
+    max_connections: int = 16
+    multipart_threshold: int = 16 * MiB
+    part_size: int = 8 * MiB
+    upload_concurrency: int = 4
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    max_attempts: int = 4
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """Where the SSE-C key comes from: exactly one of the three is set."""
+
+    file: Path | None = None
+    env: str | None = None
+    credential: str | None = None
+
+    def describe(self) -> str:
+        if self.file is not None:
+            return f"key file {self.file}"
+        if self.env is not None:
+            return f"environment variable {self.env}"
+        return f"systemd credential {self.credential}"
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    dir: Path
+    max_size: int = 10 * 1024 * MiB
+
+
+@dataclass(frozen=True)
+class MountSettings:
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
+    allow_other: bool = False
+    read_only: bool = False
+    # Seconds the kernel and ssefs trust attributes and listings before asking S3
+    # again. Short, because other clients may change a shared bucket.
+    attr_timeout: float = 1.0
+    skip_key_check: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    name: str
+    s3: S3Settings
+    key: KeySource
+    cache: CacheSettings
+    mount: MountSettings
+
+    @property
+    def key_prefix(self) -> str:
+        """The object-key prefix this mount shows: ``""`` or ending in ``/``."""
+        return self.s3.prefix
+
+
+_SECTIONS = {"s3", "key", "cache", "mount"}
+
+
+class _Section:
+    """Typed access to one TOML table, remembering which keys were used."""
+
+    def __init__(self, name: str, table: object) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        self.name = name
+        self.table: dict[str, Any] = table
+        self.used: set[str] = set()
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, *, required: bool = False) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if required:
+                raise ConfigError(f"[{self.name}] {key} is required")
+            return default
+        value = self.table[key]
+        # bool is an int subclass: never accept true/false where a number is meant.
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise ConfigError(f"[{self.name}] {key}: expected {_kind_name(kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise ConfigError(f"[{self.name}] {key}: expected {_kind_name(kind)}, got {type(value).__name__}")
+        return value
+
+    def check_unknown(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise ConfigError(f"[{self.name}] unknown setting(s): {', '.join(unknown)}")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", bool: "true or false", int: "a whole number", float: "a number"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _normalise_prefix(prefix: str) -> str:
+    prefix = prefix.strip("/")
+    if "//" in prefix or "\\" in prefix:
+        raise ConfigError(f"[s3] prefix {prefix!r} must not contain '//' or backslashes")
+    return prefix + "/" if prefix else ""
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def default_cache_dir(name: str) -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/cache/ssefs") / name
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "ssefs" / name
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a mount configuration file."""
+    config_path = Path(path).expanduser().absolute()
+    try:
+        raw = config_path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {config_path} does not exist") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {config_path}: {error.strerror}") from None
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {config_path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {config_path} is not valid TOML: {error}") from None
+    try:
+        return _build(config_path, document)
+    except ConfigError as error:
+        raise ConfigError(f"{config_path}: {error}") from None
+
+
+def _build(config_path: Path, document: dict[str, Any]) -> Config:
+    unknown = sorted(set(document) - _SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(unknown)} (known: [s3], [key], [cache], [mount])")
+    base = config_path.parent
+    name = config_path.stem
+
+    s3 = _Section("s3", document.get("s3", {}))
+    endpoint = s3.get("endpoint", str, required=True).rstrip("/")
+    parsed = urlparse(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ConfigError(f"[s3] endpoint {endpoint!r} must be an https:// URL")
+    allow_http = s3.get("allow_insecure_http", bool, False)
+    if parsed.scheme == "http" and not allow_http:
+        raise ConfigError(
+            f"[s3] endpoint {endpoint} uses plain http: the SSE-C key would travel in clear text. "
+            "Use https://, or set allow_insecure_http = true for a local test server"
+        )
+    bucket = s3.get("bucket", str, required=True)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]", bucket):
+        raise ConfigError(f"[s3] bucket {bucket!r} is not a valid bucket name (3-63 characters: a-z 0-9 . - _)")
+    ca_bundle = s3.get("ca_bundle", str)
+    access_key_id = s3.get("access_key_id", str)
+    secret_access_key = s3.get("secret_access_key", str)
+    if (access_key_id is None) != (secret_access_key is None):
+        raise ConfigError("[s3] access_key_id and secret_access_key must be given together")
+    if secret_access_key is not None and stat.S_IMODE(config_path.stat().st_mode) & 0o077:
+        raise ConfigError(
+            "[s3] secret_access_key is set but the config file is readable by group or others; "
+            f"run: chmod 600 {config_path}"
+        )
+    addressing_style = s3.get("addressing_style", str, "path")
+    if addressing_style not in ("path", "virtual", "auto"):
+        raise ConfigError("[s3] addressing_style must be \"path\", \"virtual\" or \"auto\"")
+    part_size = parse_size(s3.get("part_size", (str, int), "8MiB"), what="[s3] part_size")
+    if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
+        raise ConfigError("[s3] part_size must be between 5MiB and 5GiB (S3's limits)")
+    multipart_threshold = parse_size(
+        s3.get("multipart_threshold", (str, int), "16MiB"), what="[s3] multipart_threshold"
+    )
+    if not MIN_PART_SIZE <= multipart_threshold <= MAX_PART_SIZE:
+        raise ConfigError("[s3] multipart_threshold must be between 5MiB and 5GiB")
+    s3_settings = S3Settings(
+        endpoint=endpoint,
+        bucket=bucket,
+        region=s3.get("region", str, "us-east-1"),
+        prefix=_normalise_prefix(s3.get("prefix", str, "")),
+        ca_bundle=_resolve(base, ca_bundle) if ca_bundle else None,
+        allow_insecure_http=allow_http,
+        profile=s3.get("profile", str),
+        access_key_id=access_key_id,
+        secret_access_key=secret_access_key,
+        addressing_style=addressing_style,
+        max_connections=_positive(s3, "max_connections", 16),
+        multipart_threshold=multipart_threshold,
+        part_size=part_size,
+        upload_concurrency=_positive(s3, "upload_concurrency", 4),
+        connect_timeout=_positive_float(s3, "connect_timeout", 5.0),
+        read_timeout=_positive_float(s3, "read_timeout", 60.0),
+        max_attempts=_positive(s3, "max_attempts", 4),
+    )
+    s3.check_unknown()
+    if s3_settings.ca_bundle is not None and not s3_settings.ca_bundle.is_file():
+        raise ConfigError(f"[s3] ca_bundle {s3_settings.ca_bundle} does not exist")
+
+    key = _Section("key", document.get("key", {}))
+    key_file = key.get("file", str)
+    key_env = key.get("env", str)
+    key_credential = key.get("credential", str)
+    key.check_unknown()
+    given = [v for v in (key_file, key_env, key_credential) if v is not None]
+    if len(given) != 1:
+        raise ConfigError("[key] needs exactly one of: file, env, credential")
+    if key_credential is not None and ("/" in key_credential or key_credential in (".", "..")):
+        raise ConfigError("[key] credential must be a plain credential name, not a path")
+    key_source = KeySource(
+        file=_resolve(base, key_file) if key_file else None, env=key_env, credential=key_credential
+    )
+
+    cache = _Section("cache", document.get("cache", {}))
+    cache_dir = cache.get("dir", str)
+    cache_settings = CacheSettings(
+        dir=_resolve(base, cache_dir) if cache_dir else default_cache_dir(name),
+        max_size=parse_size(cache.get("max_size", (str, int), "10GiB"), what="[cache] max_size"),
+    )
+    cache.check_unknown()
+
+    mount = _Section("mount", document.get("mount", {}))
+    defaults = MountSettings()
+    mount_settings = MountSettings(
+        uid=mount.get("uid", int, defaults.uid),
+        gid=mount.get("gid", int, defaults.gid),
+        file_mode=_mode(mount, "file_mode", defaults.file_mode),
+        dir_mode=_mode(mount, "dir_mode", defaults.dir_mode),
+        allow_other=mount.get("allow_other", bool, False),
+        read_only=mount.get("read_only", bool, False),
+        attr_timeout=_positive_float(mount, "attr_timeout", defaults.attr_timeout, allow_zero=True),
+        skip_key_check=mount.get("skip_key_check", bool, False),
+    )
+    mount.check_unknown()
+    return Config(config_path, name, s3_settings, key_source, cache_settings, mount_settings)
+
+
+def _positive(section: _Section, key: str, default: int) -> int:
+    value: int = section.get(key, int, default)
+    if value < 1:
+        raise ConfigError(f"[{section.name}] {key} must be at least 1")
+    return value
+
+
+def _positive_float(section: _Section, key: str, default: float, *, allow_zero: bool = False) -> float:
+    value = float(section.get(key, (int, float), default))
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"[{section.name}] {key} must be a positive number of seconds")
+    return value
+
+
+def _mode(section: _Section, key: str, default: int) -> int:
+    value = section.get(key, (str, int), default)
+    if isinstance(value, str):
+        try:
+            value = int(value, 8)
+        except ValueError:
+            raise ConfigError(f"[{section.name}] {key}: {value!r} is not an octal mode such as \"0644\"") from None
+    if not 0 <= value <= 0o7777:
+        raise ConfigError(f"[{section.name}] {key}: mode out of range")
+    return int(value)

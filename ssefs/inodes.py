@@ -1,0 +1,208 @@
+"""The inode table: inode numbers for paths, kernel lookup counts, and cached attributes.
+
+A path here is relative to the mount's root, ``""`` for the root itself and
+``"a/b"`` below it; the object key of a file is ``prefix + path`` and the
+prefix of a directory ``prefix + path + "/"``. Inode numbers are handed out
+from a counter and never reused, so generation numbers can stay 0. A node is
+kept while the kernel holds lookups on it (every reply that carries an entry
+adds one, ``forget`` subtracts) or while files are open on it; after that it
+may be dropped and the path gets a new inode number next time.
+
+Directory listings are cached for ``attr_timeout`` seconds; a change made
+through this mount invalidates the listing of the directory it touched.
+This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import stat
+import time
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+ROOT_INODE: int = pyfuse3.ROOT_INODE
+
+
+@dataclass
+class Node:
+    """One file or directory the kernel knows about."""
+
+    inode: int
+    path: str
+    is_dir: bool
+    size: int = 0
+    mtime: float = 0.0
+    etag: str = ""
+    lookups: int = 0
+    open_count: int = 0
+    # When size/mtime were last confirmed by S3 (monotonic seconds); 0 = never.
+    checked_at: float = 0.0
+    # True while the local staged copy is authoritative (written, not yet
+    # uploaded): listings must not overwrite its size and mtime.
+    has_local_data: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def parent_path(self) -> str:
+        return self.path.rsplit("/", 1)[0] if "/" in self.path else ""
+
+
+@dataclass
+class DirectoryEntry:
+    """A child as a listing shows it."""
+
+    name: str
+    is_dir: bool
+    size: int = 0
+    mtime: float = 0.0
+    etag: str = ""
+
+
+@dataclass
+class CachedListing:
+    entries: dict[str, DirectoryEntry]
+    fetched_at: float = field(default_factory=time.monotonic)
+
+
+def child_path(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+class InodeTable:
+    """Inode ↔ path mapping, lookup counts, and the listing cache."""
+
+    def __init__(self, *, ttl: float) -> None:
+        self.ttl = ttl
+        self._by_inode: dict[int, Node] = {}
+        self._by_path: dict[str, Node] = {}
+        self._next_inode = ROOT_INODE + 1
+        self._listings: dict[str, CachedListing] = {}
+        root = Node(ROOT_INODE, "", is_dir=True, mtime=time.time(), lookups=1)
+        self._by_inode[ROOT_INODE] = root
+        self._by_path[""] = root
+
+    # ---------------------------------------------------------------- nodes
+
+    def get(self, inode: int) -> Node | None:
+        return self._by_inode.get(inode)
+
+    def by_path(self, path: str) -> Node | None:
+        return self._by_path.get(path)
+
+    def node_for(self, path: str, *, is_dir: bool) -> Node:
+        """The node for ``path``, created (with no lookups yet) if unknown.
+
+        A path that changed kind (a file replaced by a directory elsewhere) gets a
+        fresh inode unless it is in use.
+        """
+        node = self._by_path.get(path)
+        if node is not None and node.is_dir != is_dir and node.open_count == 0:
+            self._detach(node)
+            node = None
+        if node is None:
+            node = Node(self._next_inode, path, is_dir)
+            self._next_inode += 1
+            self._by_inode[node.inode] = node
+            self._by_path[path] = node
+        return node
+
+    def update_from_entry(self, node: Node, entry: DirectoryEntry) -> None:
+        if node.has_local_data:
+            return
+        node.size, node.mtime, node.etag = entry.size, entry.mtime, entry.etag
+        node.checked_at = time.monotonic()
+
+    def is_fresh(self, node: Node) -> bool:
+        return time.monotonic() - node.checked_at < self.ttl
+
+    def add_lookup(self, node: Node) -> None:
+        node.lookups += 1
+
+    def forget(self, inode: int, count: int) -> None:
+        node = self._by_inode.get(inode)
+        if node is None or inode == ROOT_INODE:
+            return
+        node.lookups = max(0, node.lookups - count)
+        self.drop_if_unused(node)
+
+    def drop_if_unused(self, node: Node) -> None:
+        if node.inode != ROOT_INODE and node.lookups == 0 and node.open_count == 0:
+            self._by_inode.pop(node.inode, None)
+            if self._by_path.get(node.path) is node:
+                del self._by_path[node.path]
+
+    def _detach(self, node: Node) -> None:
+        """Stop mapping ``node.path`` to ``node`` (the path was removed or replaced)."""
+        if self._by_path.get(node.path) is node:
+            del self._by_path[node.path]
+
+    def remove_path(self, path: str) -> Node | None:
+        """The path is gone: unmap it; the node lives on while the kernel or open files hold it."""
+        node = self._by_path.get(path)
+        if node is not None:
+            self._detach(node)
+            self.drop_if_unused(node)
+        self.invalidate_listing(_parent(path))
+        return node
+
+    def move(self, node: Node, new_path: str) -> None:
+        """Re-map a file node to ``new_path`` (rename); whatever was there is unmapped."""
+        old_path = node.path
+        replaced = self._by_path.get(new_path)
+        if replaced is not None and replaced is not node:
+            self._detach(replaced)
+            self.drop_if_unused(replaced)
+        self._detach(node)
+        node.path = new_path
+        self._by_path[new_path] = node
+        self.invalidate_listing(_parent(old_path))
+        self.invalidate_listing(_parent(new_path))
+
+    def all_nodes(self) -> list[Node]:
+        return list(self._by_inode.values())
+
+    # ---------------------------------------------------------------- listings
+
+    def cached_listing(self, path: str) -> CachedListing | None:
+        listing = self._listings.get(path)
+        if listing is None or time.monotonic() - listing.fetched_at >= self.ttl:
+            return None
+        return listing
+
+    def store_listing(self, path: str, entries: dict[str, DirectoryEntry]) -> None:
+        self._listings[path] = CachedListing(entries)
+
+    def invalidate_listing(self, path: str) -> None:
+        self._listings.pop(path, None)
+
+    # ---------------------------------------------------------------- attributes
+
+    def attributes(self, node: Node, *, uid: int, gid: int, file_mode: int, dir_mode: int) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.inode
+        attrs.generation = 0
+        attrs.entry_timeout = self.ttl
+        attrs.attr_timeout = self.ttl
+        if node.is_dir:
+            attrs.st_mode = stat.S_IFDIR | dir_mode
+            attrs.st_nlink = 2
+            attrs.st_size = 0
+        else:
+            attrs.st_mode = stat.S_IFREG | file_mode
+            attrs.st_nlink = 1
+            attrs.st_size = node.size
+        attrs.st_uid = uid
+        attrs.st_gid = gid
+        mtime_ns = int(node.mtime * 1e9)
+        attrs.st_mtime_ns = attrs.st_ctime_ns = attrs.st_atime_ns = mtime_ns
+        attrs.st_blksize = 512 * 1024
+        attrs.st_blocks = (attrs.st_size + 511) // 512
+        return attrs
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""

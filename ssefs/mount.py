@@ -1,0 +1,164 @@
+"""Wiring a mount together, in one readable order.
+
+open the store → check bucket, credentials and key → build the filesystem and
+operations → ``pyfuse3.init`` (the mount is now in place) → tell whoever waits
+that we are ready (the ``--background`` parent's pipe, systemd's
+``NOTIFY_SOCKET``) → serve until unmounted or signalled → unmount → upload what
+open files still held. Start-up problems raise ``StartupCheckError`` before
+anything is mounted. No business logic lives here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .config import Config
+from .errors import NotEncrypted, ServerUnavailable, StartupCheckError, WrongKey
+from .fs import Operations
+from .keys import SseKey
+from .store import ObjectStore
+from .vfs import Filesystem
+
+log = logging.getLogger(__name__)
+
+# How many keys to list when looking for one real object to test the key on.
+KEY_CHECK_SAMPLE = 50
+
+
+def runtime_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/ssefs")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/ssefs-{os.getuid()}"
+    return Path(base) / "ssefs"
+
+
+def state_file(mountpoint: Path) -> Path:
+    """Where the daemon serving ``mountpoint`` records its pid (for ``ssefs umount``)."""
+    digest = hashlib.sha256(str(mountpoint.resolve()).encode()).hexdigest()[:16]
+    return runtime_dir() / f"{digest}.json"
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    try:
+        if not mountpoint.is_dir():
+            raise StartupCheckError(f"mount point {mountpoint} does not exist or is not a directory")
+    except OSError as error:
+        if error.errno == 107:  # ENOTCONN: a FUSE daemon died and left its mount behind
+            raise StartupCheckError(
+                f"mount point {mountpoint} is a stale FUSE mount; run: fusermount3 -u {mountpoint}"
+            ) from None
+        raise StartupCheckError(f"mount point {mountpoint}: {error.strerror}") from None
+    if os.path.ismount(mountpoint):
+        raise StartupCheckError(f"{mountpoint} is already a mount point")
+
+
+async def startup_check(store: ObjectStore, config: Config, *, skip_key_check: bool) -> None:
+    """Refuse to mount when the bucket, the credentials or the key are wrong."""
+    try:
+        await store.check_bucket()
+        if not config.mount.read_only and await store.sse_c_blocked():
+            raise StartupCheckError(
+                f"bucket {config.s3.bucket!r} blocks SSE-C writes (BlockedEncryptionTypes contains SSE-C). "
+                "AWS does this on new buckets since April 2026; allow it with PutBucketEncryption, "
+                "or mount read-only"
+            )
+        if skip_key_check:
+            return
+        keys = await store.keys_with_prefix(config.key_prefix, KEY_CHECK_SAMPLE)
+        sample = next((key for key in keys if not key.endswith("/")), None)
+        if sample is None:
+            return
+        try:
+            await store.head(sample)
+        except WrongKey:
+            raise StartupCheckError(
+                f"the configured key (fingerprint {store.key_fingerprint}) cannot read {sample!r}: "
+                "objects here are encrypted under another SSE-C key. Check [key] in the config, "
+                "or mount anyway with --skip-key-check"
+            ) from None
+        except NotEncrypted as error:
+            log.warning("%s (mounting anyway; such objects read as I/O errors)", error)
+    except ServerUnavailable as error:
+        raise StartupCheckError(str(error)) from None
+
+
+def _notify_systemd(message: str) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.connect(address)
+        notify.sendall(message.encode())
+
+
+def mount_options(config: Config) -> set[str]:
+    prefix = config.key_prefix.rstrip("/")
+    options = set(pyfuse3.default_options)
+    options.add(f"fsname=ssefs:{config.s3.bucket}{'/' + prefix if prefix else ''}")
+    options.add("subtype=ssefs")
+    if config.mount.allow_other:
+        options.add("allow_other")
+    if config.mount.read_only:
+        options.add("ro")
+    return options
+
+
+async def serve(
+    config: Config,
+    key: SseKey,
+    mountpoint: Path,
+    *,
+    skip_key_check: bool = False,
+    on_ready: Callable[[], None] = lambda: None,
+) -> None:
+    """Mount and serve until unmounted or sent SIGINT/SIGTERM."""
+    check_mountpoint(mountpoint)
+    store = ObjectStore(config.s3, key)
+    await startup_check(store, config, skip_key_check=skip_key_check or config.mount.skip_key_check)
+    filesystem = Filesystem(config, store)
+    operations = Operations(filesystem)
+    pyfuse3.init(operations, str(mountpoint), mount_options(config))
+    state = state_file(mountpoint)
+    unmounted = False
+    try:
+        state.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        state.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mountpoint), "config": str(config.path)}))
+        log.info(
+            "mounted s3 bucket %s%s at %s (key fingerprint %s)",
+            config.s3.bucket, "/" + config.key_prefix if config.key_prefix else "", mountpoint, key.fingerprint,
+        )
+        on_ready()
+        _notify_systemd("READY=1")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_terminate_on_signal)
+            await pyfuse3.main()
+            unmounted = True
+            nursery.cancel_scope.cancel()
+    finally:
+        _notify_systemd("STOPPING=1")
+        # Unmount first so no process hangs on a mount nobody serves; what open
+        # files still hold stays in memory and is uploaded right after.
+        pyfuse3.close(unmount=True)
+        await filesystem.shutdown()
+        state.unlink(missing_ok=True)
+        log.info("unmounted %s%s", mountpoint, "" if unmounted else " (after an error)")
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return

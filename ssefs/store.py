@@ -1,0 +1,466 @@
+"""The S3 object store: the one owner of the boto3 client.
+
+Every request that touches object data (PUT, GET and ranged GET, HEAD,
+CreateMultipartUpload, UploadPart, CopyObject source and target) carries the
+mount's SSE-C parameters, and every data response is checked to echo our key's
+MD5 (a server that answers without it did not encrypt, or stored the object in
+clear). Listing and deletes need no key. Blocking boto3 calls run in worker
+threads through one ``trio.CapacityLimiter`` sized like the connection pool, so
+the trio loop never blocks. botocore's standard retry mode bounds retries of
+throttling, 5xx and connection failures; what still fails is translated into the
+typed errors of ``errors.py``, naming the object key and never the SSE-C key.
+This module knows object keys, not paths, inodes or FUSE.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import boto3
+import botocore.exceptions
+import trio
+from botocore.config import Config as BotoConfig
+
+from .config import S3Settings
+from .errors import (
+    NoSuchObject,
+    NotEncrypted,
+    ServerUnavailable,
+    SseBlocked,
+    SsefsError,
+    StartupCheckError,
+    WrongKey,
+)
+from .keys import SseKey
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Body reads are streamed in chunks of this size so a large GET never sits in memory whole.
+DOWNLOAD_CHUNK = 1024 * 1024
+# S3 returns at most 1000 keys per ListObjectsV2 page.
+LIST_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What S3 says about one object."""
+
+    key: str
+    size: int
+    etag: str
+    mtime: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The direct children of a prefix: objects, and sub-prefixes (without the trailing ``/``)."""
+
+    objects: list[ObjectInfo]
+    prefixes: list[str]
+
+
+def _status(error: botocore.exceptions.ClientError) -> tuple[int, str, str]:
+    response: Any = error.response
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    details = response.get("Error", {})
+    return status, str(details.get("Code", "")), str(details.get("Message", ""))
+
+
+def _echoed_md5_matches(echoed: str | None, expected: str) -> bool:
+    """True when the echoed key MD5 is ours; SeaweedFS sends the header twice ("X, X")."""
+    if not echoed:
+        return False
+    return all(part.strip() == expected for part in echoed.split(","))
+
+
+WRITE_OPERATIONS = frozenset({"PutObject", "CreateMultipartUpload", "UploadPart", "CopyObject"})
+SSE_BLOCKED_HINT = (
+    "AWS blocks SSE-C on new buckets since April 2026 (writes with a correct key get 403); "
+    "allow it with PutBucketEncryption, BlockedEncryptionTypes = NONE"
+)
+
+
+class ObjectStore:
+    """Async access to one bucket with one SSE-C key."""
+
+    def __init__(self, settings: S3Settings, key: SseKey) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self._key = key
+        self._sse = key.sse_params()
+        self._copy_source_sse = key.copy_source_params()
+        self.limiter = trio.CapacityLimiter(settings.max_connections)
+        self._sse_c_blocked: bool | None = None
+        session = boto3.session.Session(profile_name=settings.profile) if settings.profile else boto3.session.Session()
+        credentials: dict[str, str] = {}
+        if settings.access_key_id and settings.secret_access_key:
+            credentials = {
+                "aws_access_key_id": settings.access_key_id,
+                "aws_secret_access_key": settings.secret_access_key,
+            }
+        # Typed as Any: the SSE-C keyword arguments are spread from dicts, which the stubs cannot follow.
+        self._client: Any = session.client(
+            "s3",
+            endpoint_url=settings.endpoint,
+            region_name=settings.region,
+            verify=str(settings.ca_bundle) if settings.ca_bundle else True,
+            use_ssl=settings.endpoint.startswith("https://"),
+            config=BotoConfig(
+                max_pool_connections=settings.max_connections,
+                retries={"mode": "standard", "max_attempts": settings.max_attempts},
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.read_timeout,
+                s3={"addressing_style": settings.addressing_style},  # type: ignore[arg-type]
+                # Integrity in transit comes from TLS; extra checksums cost CPU on every PUT.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+            **credentials,
+        )
+
+    @property
+    def key_fingerprint(self) -> str:
+        return self._key.fingerprint
+
+    # ----------------------------------------------------------------- plumbing
+
+    async def _call(self, operation: str, object_key: str, function: Callable[[], T]) -> T:
+        """Run one blocking boto3 call in a worker thread and translate its errors."""
+        try:
+            return await trio.to_thread.run_sync(function, limiter=self.limiter)
+        except SsefsError:
+            raise
+        except botocore.exceptions.ClientError as error:
+            translated = self._translate_client_error(operation, object_key, error)
+            if _status(error)[0] == 403 and operation in WRITE_OPERATIONS and await self.sse_c_blocked():
+                translated = SseBlocked(
+                    f"{operation} {object_key!r}: bucket {self.bucket!r} refuses SSE-C writes. {SSE_BLOCKED_HINT}"
+                )
+            raise translated from None
+        except botocore.exceptions.NoCredentialsError:
+            raise StartupCheckError(
+                "no S3 credentials found: set access_key_id/secret_access_key in [s3], a profile, "
+                "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+            ) from None
+        except botocore.exceptions.SSLError as error:
+            raise ServerUnavailable(
+                f"TLS failure talking to {self.settings.endpoint} ({operation} {object_key!r}): "
+                f"{_first_line(error)}; if the server uses a private CA, set [s3] ca_bundle"
+            ) from None
+        except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError) as error:
+            raise ServerUnavailable(
+                f"cannot reach S3 endpoint {self.settings.endpoint} ({operation} {object_key!r}): "
+                f"{_first_line(error)}"
+            ) from None
+        except botocore.exceptions.BotoCoreError as error:
+            raise ServerUnavailable(f"{operation} {object_key!r} failed: {_first_line(error)}") from None
+
+    def _translate_client_error(
+        self, operation: str, object_key: str, error: botocore.exceptions.ClientError
+    ) -> SsefsError:
+        status, code, message = _status(error)
+        where = f"{operation} {object_key!r} in bucket {self.bucket}"
+        if code == "NoSuchBucket":
+            return NoSuchObject(f"bucket {self.bucket!r} does not exist")
+        if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
+            return NoSuchObject(f"{where}: no such object")
+        if status == 403:
+            if operation in WRITE_OPERATIONS:
+                return WrongKey(
+                    f"{where}: access denied: the credentials may not write here, or the bucket blocks "
+                    f"SSE-C writes. {SSE_BLOCKED_HINT}"
+                )
+            if operation in ("GetObject", "HeadObject"):
+                return WrongKey(
+                    f"{where}: access denied: the object is encrypted under another SSE-C key, "
+                    "or the credentials may not read it"
+                )
+            return WrongKey(f"{where}: access denied ({code or status})")
+        if status == 400 and operation in ("GetObject", "HeadObject", "CopyObject"):
+            return NotEncrypted(
+                f"{where}: the server refused the SSE-C key ({code or status}: {message or 'bad request'}); "
+                "the object is probably not stored with SSE-C"
+            )
+        if status == 416:
+            return SsefsError(f"{where}: range not satisfiable", errno_value=22)
+        if status >= 500 or status == 0:
+            return ServerUnavailable(f"{where}: server error {status} {code} after retries")
+        return SsefsError(f"{where}: {status} {code} {message}".rstrip())
+
+    def _check_echo(self, operation: str, object_key: str, response: dict[str, Any]) -> None:
+        if not _echoed_md5_matches(response.get("SSECustomerKeyMD5"), self._key.md5_b64):
+            raise NotEncrypted(
+                f"{operation} {object_key!r} in bucket {self.bucket}: the server did not confirm SSE-C "
+                "with our key; the object is stored without SSE-C (or the server ignores SSE-C)"
+            )
+
+    # ----------------------------------------------------------------- bucket
+
+    async def check_bucket(self) -> None:
+        """Verify the bucket exists and the credentials may use it."""
+        try:
+            await self._call("HeadBucket", "", functools.partial(self._client.head_bucket, Bucket=self.bucket))
+        except NoSuchObject:
+            raise StartupCheckError(f"bucket {self.bucket!r} does not exist at {self.settings.endpoint}") from None
+        except WrongKey:
+            raise StartupCheckError(
+                f"the S3 credentials are not allowed to use bucket {self.bucket!r} (403)"
+            ) from None
+
+    async def sse_c_blocked(self) -> bool:
+        """Whether the bucket's encryption configuration blocks SSE-C writes (asked once).
+
+        Servers that do not implement the setting, or credentials that may not read
+        it, count as "not blocked": a real refusal then still surfaces as a 403.
+        """
+        if self._sse_c_blocked is None:
+
+            def fetch() -> bool:
+                try:
+                    response = self._client.get_bucket_encryption(Bucket=self.bucket)
+                except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
+                    return False
+                rules = response.get("ServerSideEncryptionConfiguration", {}).get("Rules", [])
+                return any(
+                    "SSE-C" in rule.get("BlockedEncryptionTypes", {}).get("EncryptionType", []) for rule in rules
+                )
+
+            self._sse_c_blocked = await trio.to_thread.run_sync(fetch, limiter=self.limiter)
+        return self._sse_c_blocked
+
+    # ----------------------------------------------------------------- reads
+
+    async def head(self, object_key: str) -> ObjectInfo:
+        response = await self._call(
+            "HeadObject",
+            object_key,
+            functools.partial(self._client.head_object, Bucket=self.bucket, Key=object_key, **self._sse),
+        )
+        self._check_echo("HeadObject", object_key, response)
+        return _info_from_head(object_key, response)
+
+    async def get_range(self, object_key: str, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (fewer at the end of the object)."""
+        if length <= 0:
+            return b""
+
+        def fetch() -> bytes:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=object_key, Range=f"bytes={offset}-{offset + length - 1}", **self._sse
+            )
+            self._check_echo("GetObject", object_key, response)
+            with response["Body"] as body:
+                return bytes(body.read())
+
+        try:
+            return await self._call("GetObject", object_key, fetch)
+        except SsefsError as error:
+            if error.errno == 22:  # 416: offset at or past the end
+                return b""
+            raise
+
+    async def download(self, object_key: str, sink: Callable[[int, bytes], object]) -> int:
+        """Stream a whole object into ``sink(offset, chunk)`` (called in the worker thread).
+
+        Returns the number of bytes received.
+        """
+
+        def fetch() -> int:
+            response = self._client.get_object(Bucket=self.bucket, Key=object_key, **self._sse)
+            self._check_echo("GetObject", object_key, response)
+            received = 0
+            with response["Body"] as body:
+                for chunk in body.iter_chunks(DOWNLOAD_CHUNK):
+                    sink(received, chunk)
+                    received += len(chunk)
+            return received
+
+        return await self._call("GetObject", object_key, fetch)
+
+    # ----------------------------------------------------------------- listing
+
+    async def list_children(self, prefix: str) -> Listing:
+        """All objects and sub-prefixes directly under ``prefix`` (which is "" or ends in ``/``)."""
+
+        def fetch() -> Listing:
+            objects: list[ObjectInfo] = []
+            prefixes: list[str] = []
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+                for common in page.get("CommonPrefixes", ()):
+                    prefixes.append(common["Prefix"][len(prefix):].rstrip("/"))
+                for item in page.get("Contents", ()):
+                    # A directory marker lists itself as a child of its own prefix.
+                    if item["Key"] == prefix:
+                        continue
+                    objects.append(_info_from_listing(item))
+            return Listing(objects, prefixes)
+
+        return await self._call("ListObjectsV2", prefix, fetch)
+
+    async def first_object_with_prefix(self, prefix: str) -> ObjectInfo | None:
+        """The lexicographically first object whose key starts with ``prefix``, if any."""
+
+        def fetch() -> ObjectInfo | None:
+            response = self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+            contents = response.get("Contents", ())
+            return _info_from_listing(contents[0]) if contents else None
+
+        return await self._call("ListObjectsV2", prefix, fetch)
+
+    async def keys_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        """Up to ``limit`` keys starting with ``prefix`` (no delimiter)."""
+
+        def fetch() -> list[str]:
+            response = self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=limit)
+            return [item["Key"] for item in response.get("Contents", ())]
+
+        return await self._call("ListObjectsV2", prefix, fetch)
+
+    async def probe(self, object_key: str) -> tuple[ObjectInfo | None, bool]:
+        """Whether ``object_key`` exists as an object, and whether ``object_key/`` holds anything.
+
+        An exact key is the smallest key with itself as prefix, so a one-key
+        listing answers the first question without a keyed HEAD.
+        """
+        found: ObjectInfo | None = None
+        is_directory = False
+
+        async def probe_object() -> None:
+            nonlocal found
+            first = await self.first_object_with_prefix(object_key)
+            if first is not None and first.key == object_key:
+                found = first
+
+        async def probe_directory() -> None:
+            nonlocal is_directory
+            is_directory = bool(await self.keys_with_prefix(object_key + "/", 1))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(probe_object)
+            nursery.start_soon(probe_directory)
+        return found, is_directory
+
+    # ----------------------------------------------------------------- writes
+
+    async def put(self, object_key: str, data: bytes, metadata: dict[str, str] | None = None) -> str:
+        """Upload a whole object in one request; returns its ETag."""
+        response = await self._call(
+            "PutObject",
+            object_key,
+            functools.partial(
+                self._client.put_object, Bucket=self.bucket, Key=object_key, Body=data,
+                Metadata=metadata or {}, **self._sse,
+            ),
+        )
+        self._check_echo("PutObject", object_key, response)
+        return str(response.get("ETag", "")).strip('"')
+
+    async def put_directory_marker(self, prefix: str) -> None:
+        """Create the empty ``dir/`` object that marks a directory."""
+        await self._call(
+            "PutObject",
+            prefix,
+            functools.partial(self._client.put_object, Bucket=self.bucket, Key=prefix, Body=b"", **self._sse),
+        )
+
+    async def create_multipart(self, object_key: str, metadata: dict[str, str] | None = None) -> str:
+        response = await self._call(
+            "CreateMultipartUpload",
+            object_key,
+            functools.partial(
+                self._client.create_multipart_upload, Bucket=self.bucket, Key=object_key,
+                Metadata=metadata or {}, **self._sse,
+            ),
+        )
+        self._check_echo("CreateMultipartUpload", object_key, response)
+        return str(response["UploadId"])
+
+    async def upload_part(self, object_key: str, upload_id: str, part_number: int, data: bytes) -> str:
+        response = await self._call(
+            "UploadPart",
+            object_key,
+            functools.partial(
+                self._client.upload_part, Bucket=self.bucket, Key=object_key, UploadId=upload_id,
+                PartNumber=part_number, Body=data, **self._sse,
+            ),
+        )
+        self._check_echo("UploadPart", object_key, response)
+        return str(response["ETag"])
+
+    async def complete_multipart(self, object_key: str, upload_id: str, part_etags: list[str]) -> str:
+        parts = [{"PartNumber": number, "ETag": etag} for number, etag in enumerate(part_etags, start=1)]
+        response = await self._call(
+            "CompleteMultipartUpload",
+            object_key,
+            functools.partial(
+                self._client.complete_multipart_upload, Bucket=self.bucket, Key=object_key,
+                UploadId=upload_id, MultipartUpload={"Parts": parts},
+            ),
+        )
+        return str(response.get("ETag", "")).strip('"')
+
+    async def abort_multipart(self, object_key: str, upload_id: str) -> None:
+        await self._call(
+            "AbortMultipartUpload",
+            object_key,
+            functools.partial(
+                self._client.abort_multipart_upload, Bucket=self.bucket, Key=object_key, UploadId=upload_id
+            ),
+        )
+
+    async def copy(self, source_key: str, target_key: str) -> None:
+        """Server-side copy under the same key; metadata is carried over explicitly.
+
+        ``MetadataDirective=REPLACE`` with the source's metadata works on AWS and on
+        SeaweedFS alike (SeaweedFS refuses COPY when source and target coincide).
+        """
+        source = await self.head(source_key)
+        response = await self._call(
+            "CopyObject",
+            source_key,
+            functools.partial(
+                self._client.copy_object, Bucket=self.bucket, Key=target_key,
+                CopySource={"Bucket": self.bucket, "Key": source_key},
+                MetadataDirective="REPLACE", Metadata=source.metadata,
+                **self._sse, **self._copy_source_sse,
+            ),
+        )
+        self._check_echo("CopyObject", target_key, response)
+
+    async def delete(self, object_key: str) -> None:
+        await self._call(
+            "DeleteObject",
+            object_key,
+            functools.partial(self._client.delete_object, Bucket=self.bucket, Key=object_key),
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _info_from_listing(item: dict[str, Any]) -> ObjectInfo:
+    return ObjectInfo(
+        key=item["Key"],
+        size=int(item.get("Size", 0)),
+        etag=str(item.get("ETag", "")).strip('"'),
+        mtime=item["LastModified"].timestamp() if item.get("LastModified") else 0.0,
+    )
+
+
+def _info_from_head(object_key: str, response: dict[str, Any]) -> ObjectInfo:
+    return ObjectInfo(
+        key=object_key,
+        size=int(response.get("ContentLength", 0)),
+        etag=str(response.get("ETag", "")).strip('"'),
+        mtime=response["LastModified"].timestamp() if response.get("LastModified") else 0.0,
+        metadata=dict(response.get("Metadata", {})),
+    )
