@@ -129,8 +129,10 @@ async def serve(
     await startup_check(store, config, skip_key_check=skip_key_check or config.mount.skip_key_check)
     filesystem = Filesystem(config, store)
     operations = Operations(filesystem)
-    pyfuse3.init(operations, str(mountpoint), mount_options(config))
+    # Resolved before mounting: once mounted, touching the mount point from this
+    # thread would wait for our own, not yet running, request loop.
     state = state_file(mountpoint)
+    pyfuse3.init(operations, str(mountpoint), mount_options(config))
     unmounted = False
     try:
         state.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

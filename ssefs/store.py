@@ -194,8 +194,16 @@ class ObjectStore:
             return ServerUnavailable(f"{where}: server error {status} {code} after retries")
         return SsefsError(f"{where}: {status} {code} {message}".rstrip())
 
-    def _check_echo(self, operation: str, object_key: str, response: dict[str, Any]) -> None:
-        if not _echoed_md5_matches(response.get("SSECustomerKeyMD5"), self._key.md5_b64):
+    def _check_echo(self, operation: str, object_key: str, response: Any, *, required: bool = True) -> None:
+        """Insist that the server confirmed SSE-C with our key.
+
+        SeaweedFS sends no echo on CreateMultipartUpload and CopyObject, so there
+        the check is ``required=False``: an echo, when present, must still match.
+        """
+        echoed = response.get("SSECustomerKeyMD5")
+        if not required and not echoed:
+            return
+        if not _echoed_md5_matches(echoed, self._key.md5_b64):
             raise NotEncrypted(
                 f"{operation} {object_key!r} in bucket {self.bucket}: the server did not confirm SSE-C "
                 "with our key; the object is stored without SSE-C (or the server ignores SSE-C)"
@@ -256,8 +264,11 @@ class ObjectStore:
                 Bucket=self.bucket, Key=object_key, Range=f"bytes={offset}-{offset + length - 1}", **self._sse
             )
             self._check_echo("GetObject", object_key, response)
-            with response["Body"] as body:
+            body = response["Body"]
+            try:
                 return bytes(body.read())
+            finally:
+                body.close()
 
         try:
             return await self._call("GetObject", object_key, fetch)
@@ -276,10 +287,13 @@ class ObjectStore:
             response = self._client.get_object(Bucket=self.bucket, Key=object_key, **self._sse)
             self._check_echo("GetObject", object_key, response)
             received = 0
-            with response["Body"] as body:
+            body = response["Body"]
+            try:
                 for chunk in body.iter_chunks(DOWNLOAD_CHUNK):
                     sink(received, chunk)
                     received += len(chunk)
+            finally:
+                body.close()
             return received
 
         return await self._call("GetObject", object_key, fetch)
@@ -380,7 +394,7 @@ class ObjectStore:
                 Metadata=metadata or {}, **self._sse,
             ),
         )
-        self._check_echo("CreateMultipartUpload", object_key, response)
+        self._check_echo("CreateMultipartUpload", object_key, response, required=False)
         return str(response["UploadId"])
 
     async def upload_part(self, object_key: str, upload_id: str, part_number: int, data: bytes) -> str:
@@ -433,7 +447,7 @@ class ObjectStore:
                 **self._sse, **self._copy_source_sse,
             ),
         )
-        self._check_echo("CopyObject", target_key, response)
+        self._check_echo("CopyObject", target_key, response, required=False)
 
     async def delete(self, object_key: str) -> None:
         await self._call(
