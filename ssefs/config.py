@@ -276,6 +276,8 @@ def _build(config_path: Path, document: dict[str, Any]) -> Config:
     given = [v for v in (key_file, key_env, key_credential) if v is not None]
     if len(given) != 1:
         raise ConfigError("[key] needs exactly one of: file, env, credential")
+    if not given[0]:
+        raise ConfigError("[key] file, env or credential must not be empty")
     if key_credential is not None and ("/" in key_credential or key_credential in (".", "..")):
         raise ConfigError("[key] credential must be a plain credential name, not a path")
     key_source = KeySource(

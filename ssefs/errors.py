@@ -66,3 +66,22 @@ class ServerUnavailable(SsefsError):
     """The server could not be reached or kept failing after bounded retries."""
 
     errno = errno.EIO
+
+
+def unwrap_group(error: BaseException) -> BaseException:
+    """The most meaningful single error inside a (possibly nested) exception group.
+
+    trio nurseries raise groups; callers of ssefs want the first ``SsefsError``
+    (the errno to report), else the first leaf.
+    """
+    if not isinstance(error, BaseExceptionGroup):
+        return error
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop(0)
+        if isinstance(current, BaseExceptionGroup):
+            pending[:0] = list(current.exceptions)
+        else:
+            leaves.append(current)
+    return next((leaf for leaf in leaves if isinstance(leaf, SsefsError)), leaves[0] if leaves else error)

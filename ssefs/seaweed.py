@@ -45,6 +45,8 @@ PORT_RANGE = (20000, 45000)
 START_TIMEOUT_SECONDS = 60.0
 STOP_GRACE_SECONDS = 3.0
 REGION = "us-east-1"
+VOLUME_SIZE_LIMIT_MB = 128
+MAX_VOLUMES = 2000
 
 
 class SeaweedError(RuntimeError):
@@ -247,7 +249,12 @@ class SeaweedServer:
             f"-master.port={master}",
             f"-volume.port={volume}",
             f"-filer.port={filer}",
-            "-volume.max=0",
+            # Every bucket is a collection that claims several volumes; with the
+            # default 30 GB volume size the disk-derived volume limit runs out
+            # after a bucket or two. Small volumes and a high count fix that
+            # (volume files grow with their content, so this costs no disk).
+            f"-master.volumeSizeLimitMB={VOLUME_SIZE_LIMIT_MB}",
+            f"-volume.max={MAX_VOLUMES}",
             "-s3",
             f"-s3.port={s3_http}",
             f"-s3.port.https={s3_https}",

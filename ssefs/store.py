@@ -34,6 +34,7 @@ from .errors import (
     SsefsError,
     StartupCheckError,
     WrongKey,
+    unwrap_group,
 )
 from .keys import SseKey
 
@@ -357,9 +358,12 @@ class ObjectStore:
             nonlocal is_directory
             is_directory = bool(await self.keys_with_prefix(object_key + "/", 1))
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(probe_object)
-            nursery.start_soon(probe_directory)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(probe_object)
+                nursery.start_soon(probe_directory)
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
         return found, is_directory
 
     # ----------------------------------------------------------------- writes

@@ -19,6 +19,7 @@ import trio
 
 from .cache import EncryptedScratchFile
 from .config import MAX_PART_SIZE, MiB, S3Settings
+from .errors import unwrap_group
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,15 @@ async def upload_scratch(
                     data = scratch.read(offset, min(part_size, size - offset))
                     etags[part_index] = await store.upload_part(object_key, upload_id, part_index + 1, data)
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(settings.upload_concurrency, part_count)):
-                nursery.start_soon(worker, receive_part.clone())
-            async with send_part, receive_part:
-                for part_index in range(part_count):
-                    await send_part.send(part_index)
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(settings.upload_concurrency, part_count)):
+                    nursery.start_soon(worker, receive_part.clone())
+                async with send_part, receive_part:
+                    for part_index in range(part_count):
+                        await send_part.send(part_index)
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
         return await store.complete_multipart(object_key, upload_id, etags)
     except BaseException:
         with trio.CancelScope(shield=True):
