@@ -1,0 +1,138 @@
+"""The S3 layer against a real SeaweedFS over HTTPS: SSE-C on every data request, typed errors."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import botocore.exceptions
+import pytest
+
+from ssefs.config import S3Settings
+from ssefs.errors import NoSuchObject, NotEncrypted, ServerUnavailable, StartupCheckError, WrongKey
+from ssefs.keys import SseKey
+from ssefs.seaweed import SeaweedEndpoint
+from ssefs.store import ObjectStore, _echoed_md5_matches
+
+from .conftest import sse_params
+
+
+def make_store(endpoint: SeaweedEndpoint, bucket: str, key: SseKey, **overrides: Any) -> ObjectStore:
+    settings = S3Settings(
+        endpoint=overrides.pop("endpoint_url", endpoint.endpoint),
+        bucket=bucket,
+        region=endpoint.region,
+        ca_bundle=endpoint.ca_bundle,
+        access_key_id=endpoint.access_key_id,
+        secret_access_key=endpoint.secret_access_key,
+        **overrides,
+    )
+    return ObjectStore(settings, key)
+
+
+@pytest.fixture
+def sse_key(key_bytes: bytes) -> SseKey:
+    return SseKey(key_bytes)
+
+
+async def test_put_get_range_head_carry_the_key(
+    endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, key_bytes: bytes, s3: Any
+) -> None:
+    store = make_store(endpoint, bucket, sse_key)
+    payload = secrets.token_bytes(100_000)
+    etag = await store.put("dir/object.bin", payload, {"note": "x"})
+    assert etag
+    # The server really holds it under our key: a plain boto3 client with the same key reads it.
+    assert s3.get_object(Bucket=bucket, Key="dir/object.bin", **sse_params(key_bytes))["Body"].read() == payload
+    with pytest.raises(botocore.exceptions.ClientError):
+        s3.get_object(Bucket=bucket, Key="dir/object.bin")
+    assert await store.get_range("dir/object.bin", 10, 50) == payload[10:60]
+    assert await store.get_range("dir/object.bin", 99_990, 100) == payload[99_990:]
+    assert await store.get_range("dir/object.bin", 100_000, 10) == b""
+    info = await store.head("dir/object.bin")
+    assert info.size == len(payload) and info.metadata == {"note": "x"}
+    chunks: dict[int, bytes] = {}
+    received = await store.download("dir/object.bin", lambda offset, chunk: chunks.__setitem__(offset, chunk))
+    assert received == len(payload)
+    assert b"".join(chunks[offset] for offset in sorted(chunks)) == payload
+
+
+async def test_errors_are_typed_and_never_contain_the_key(
+    endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, key_bytes: bytes, s3: Any
+) -> None:
+    store = make_store(endpoint, bucket, sse_key)
+    s3.put_object(Bucket=bucket, Key="foreign", Body=b"f", **sse_params(secrets.token_bytes(32)))
+    s3.put_object(Bucket=bucket, Key="plain", Body=b"p")
+    caught: list[Exception] = []
+    for call, expected in (
+        (lambda: store.head("missing"), NoSuchObject),
+        (lambda: store.get_range("missing", 0, 10), NoSuchObject),
+        (lambda: store.head("foreign"), WrongKey),
+        (lambda: store.get_range("foreign", 0, 1), WrongKey),
+        (lambda: store.head("plain"), NotEncrypted),
+        (lambda: store.get_range("plain", 0, 1), NotEncrypted),
+    ):
+        with pytest.raises(expected) as error:
+            await call()
+        caught.append(error.value)
+    for error in caught:
+        text = f"{error} {error!r}"
+        for secret in sse_key.redaction_strings():
+            assert secret not in text
+        assert bucket in str(error)
+
+
+async def test_listing_probe_and_markers(endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey) -> None:
+    store = make_store(endpoint, bucket, sse_key)
+    for key in ("top.txt", "top.txt.bak", "sub/a", "sub/b", "sub/deeper/c"):
+        await store.put(key, b"x")
+    await store.put_directory_marker("empty/")
+    listing = await store.list_children("")
+    assert sorted(o.key for o in listing.objects) == ["top.txt", "top.txt.bak"]
+    assert sorted(listing.prefixes) == ["empty", "sub"]
+    sub = await store.list_children("sub/")
+    assert sorted(o.key for o in sub.objects) == ["sub/a", "sub/b"] and sub.prefixes == ["deeper"]
+    assert (await store.list_children("empty/")).objects == []  # the marker is not its own child
+    found, is_dir = await store.probe("top.txt")
+    assert found is not None and found.key == "top.txt" and not is_dir
+    found, is_dir = await store.probe("sub")
+    assert found is None and is_dir
+    found, is_dir = await store.probe("nothing")
+    assert found is None and not is_dir
+
+
+async def test_multipart_upload_and_copy(endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey,
+                                         key_bytes: bytes, s3: Any) -> None:
+    store = make_store(endpoint, bucket, sse_key)
+    part = secrets.token_bytes(5 * 1024 * 1024)
+    upload_id = await store.create_multipart("multi", {})
+    etags = [await store.upload_part("multi", upload_id, 1, part), await store.upload_part("multi", upload_id, 2, b"end")]
+    await store.complete_multipart("multi", upload_id, etags)
+    body = s3.get_object(Bucket=bucket, Key="multi", **sse_params(key_bytes))["Body"].read()
+    assert body == part + b"end"
+    await store.copy("multi", "copied")
+    assert await store.get_range("copied", len(part) - 2, 5) == part[-2:] + b"end"
+    await store.delete("multi")
+    with pytest.raises(NoSuchObject):
+        await store.head("multi")
+
+
+async def test_bucket_check_and_unreachable_server(endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey) -> None:
+    await make_store(endpoint, bucket, sse_key).check_bucket()
+    with pytest.raises(StartupCheckError, match="does not exist"):
+        await make_store(endpoint, "absent-" + secrets.token_hex(4), sse_key).check_bucket()
+    unreachable = make_store(endpoint, bucket, sse_key, endpoint_url="https://127.0.0.1:9", max_attempts=2,
+                             connect_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailable, match="cannot reach"):
+        await unreachable.get_range("x", 0, 1)
+    assert time.monotonic() - started < 30  # retries are bounded
+
+
+def test_echo_check_accepts_doubled_header() -> None:
+    assert _echoed_md5_matches("abc==", "abc==")
+    assert _echoed_md5_matches("abc==, abc==", "abc==")
+    assert not _echoed_md5_matches("abc==, xyz==", "abc==")
+    assert not _echoed_md5_matches(None, "abc==")
+    assert not _echoed_md5_matches("", "abc==")
