@@ -112,8 +112,10 @@ def _read_protected_file(path: Path, *, origin: str) -> bytes:
         if error.errno == 40:  # ELOOP from O_NOFOLLOW: a symlink; resolve and retry once.
             return _read_protected_file(path.resolve(), origin=origin)
         raise KeyLoadError(f"cannot open {origin}: {error.strerror}") from None
-    with os.fdopen(fd, "rb") as key_file:
-        info = os.fstat(key_file.fileno())
+    # Check the descriptor before wrapping it: os.fdopen refuses a directory with
+    # IsADirectoryError, which must become a KeyLoadError like any other refusal.
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise KeyLoadError(f"{origin} is not a regular file")
         if stat.S_IMODE(info.st_mode) & 0o077:
@@ -121,6 +123,10 @@ def _read_protected_file(path: Path, *, origin: str) -> bytes:
                 f"{origin} is readable or writable by group or others (mode "
                 f"{stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
             )
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as key_file:
         data = key_file.read(MAX_KEY_FILE_BYTES + 1)
     if len(data) > MAX_KEY_FILE_BYTES:
         raise KeyLoadError(f"{origin} is far too large to be a key")

@@ -107,7 +107,10 @@ async def test_multipart_upload_and_copy(endpoint: SeaweedEndpoint, bucket: str,
     store = make_store(endpoint, bucket, sse_key)
     part = secrets.token_bytes(5 * 1024 * 1024)
     upload_id = await store.create_multipart("multi", {})
-    etags = [await store.upload_part("multi", upload_id, 1, part), await store.upload_part("multi", upload_id, 2, b"end")]
+    etags = [
+        await store.upload_part("multi", upload_id, 1, part),
+        await store.upload_part("multi", upload_id, 2, b"end"),
+    ]
     await store.complete_multipart("multi", upload_id, etags)
     body = s3.get_object(Bucket=bucket, Key="multi", **sse_params(key_bytes))["Body"].read()
     assert body == part + b"end"
