@@ -1,0 +1,86 @@
+"""Error translation for answers SeaweedFS never gives (AWS's SSE-C block, throttling), with botocore's Stubber.
+
+These are unit tests of the store's decision logic: the HTTP exchange is
+replaced by canned AWS responses, everything else is the real code path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.stub import Stubber
+
+from ssefs.config import S3Settings, load_config
+from ssefs.errors import SseBlocked, StartupCheckError, WrongKey
+from ssefs.keys import SseKey
+from ssefs.mount import startup_check
+from ssefs.store import ObjectStore
+
+KEY = SseKey(bytes(range(32)))
+
+
+def stubbed_store() -> tuple[ObjectStore, Stubber]:
+    settings = S3Settings(endpoint="https://s3.example.invalid", bucket="photos",
+                          access_key_id="AKIDEXAMPLE", secret_access_key="secret")
+    store = ObjectStore(settings, KEY)
+    stubber = Stubber(store._client)
+    stubber.activate()
+    return store, stubber
+
+
+def blocked_encryption(blocked: bool) -> dict[str, Any]:
+    rule: dict[str, Any] = {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
+    rule["BlockedEncryptionTypes"] = {"EncryptionType": ["SSE-C"] if blocked else ["NONE"]}
+    return {"ServerSideEncryptionConfiguration": {"Rules": [rule]}}
+
+
+async def test_put_refused_on_a_bucket_that_blocks_sse_c_says_so() -> None:
+    store, stubber = stubbed_store()
+    stubber.add_client_error("put_object", "AccessDenied", "Access Denied", 403)
+    stubber.add_response("get_bucket_encryption", blocked_encryption(True), {"Bucket": "photos"})
+    with pytest.raises(SseBlocked) as caught:
+        await store.put("a.txt", b"x")
+    message = str(caught.value)
+    assert "refuses SSE-C writes" in message and "BlockedEncryptionTypes" in message and "'a.txt'" in message
+    for secret in KEY.redaction_strings():
+        assert secret not in message
+
+
+async def test_put_refused_for_other_reasons_is_plain_access_denied() -> None:
+    store, stubber = stubbed_store()
+    stubber.add_client_error("put_object", "AccessDenied", "Access Denied", 403)
+    stubber.add_response("get_bucket_encryption", blocked_encryption(False), {"Bucket": "photos"})
+    with pytest.raises(WrongKey) as caught:
+        await store.put("a.txt", b"x")
+    assert not isinstance(caught.value, SseBlocked)
+    # The verdict is cached: a second refusal asks no second question.
+    stubber.add_client_error("put_object", "AccessDenied", "Access Denied", 403)
+    with pytest.raises(WrongKey):
+        await store.put("b.txt", b"x")
+    stubber.assert_no_pending_responses()
+
+
+async def test_startup_refuses_a_bucket_that_blocks_sse_c(tmp_path: Path) -> None:
+    key_file = tmp_path / "k"
+    key_file.write_bytes(bytes(32))
+    key_file.chmod(0o600)
+    config_path = tmp_path / "c.toml"
+    config_path.write_text(
+        '[s3]\nendpoint = "https://s3.example.invalid"\nbucket = "photos"\n'
+        f'[key]\nfile = "{key_file}"\n[cache]\ndir = "{tmp_path / "cache"}"\n'
+    )
+    config = load_config(config_path)
+    store, stubber = stubbed_store()
+    stubber.add_response("head_bucket", {}, {"Bucket": "photos"})
+    stubber.add_response("get_bucket_encryption", blocked_encryption(True), {"Bucket": "photos"})
+    with pytest.raises(StartupCheckError, match="blocks SSE-C writes"):
+        await startup_check(store, config, skip_key_check=False)
+
+
+async def test_startup_refuses_credentials_without_access() -> None:
+    store, stubber = stubbed_store()
+    stubber.add_client_error("head_bucket", "403", "Forbidden", 403)
+    with pytest.raises(StartupCheckError, match="not allowed to use bucket"):
+        await store.check_bucket()
