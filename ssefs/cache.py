@@ -99,6 +99,8 @@ class EncryptedScratchFile:
     # --------------------------------------------------------------- file API
 
     def write(self, offset: int, data: bytes) -> int:
+        if not data:
+            return 0  # POSIX: a zero-length write leaves the size alone
         view = memoryview(data)
         position = offset
         while view:

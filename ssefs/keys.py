@@ -84,9 +84,9 @@ class SseKey:
         raise TypeError("SSE-C keys are not picklable")
 
 
-def parse_key_bytes(data: bytes, *, origin: str) -> SseKey:
-    """Accept 32 raw bytes, or their base64 (one line, surrounding whitespace ignored)."""
-    if len(data) == KEY_BYTES:
+def parse_key_bytes(data: bytes, *, origin: str, allow_raw: bool = True) -> SseKey:
+    """Accept 32 raw bytes (files only), or their base64 (one line, surrounding whitespace ignored)."""
+    if allow_raw and len(data) == KEY_BYTES:
         return SseKey(data)
     text = data.strip()
     try:
@@ -95,15 +95,17 @@ def parse_key_bytes(data: bytes, *, origin: str) -> SseKey:
         decoded = None
     if decoded is not None and len(decoded) == KEY_BYTES:
         return SseKey(decoded)
+    accepted = f"{KEY_BYTES} raw bytes nor the base64" if allow_raw else "the base64"
     raise KeyLoadError(
-        f"{origin} holds {len(data)} bytes that are neither {KEY_BYTES} raw bytes nor the base64 "
-        f"of {KEY_BYTES} bytes (44 characters); create a key with: ssefs keygen PATH"
+        f"{origin} holds {len(data)} bytes that are neither {accepted} of {KEY_BYTES} bytes "
+        "(44 characters); create a key with: ssefs keygen PATH"
     )
 
 
 def _read_protected_file(path: Path, *, origin: str) -> bytes:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO in place of the key file must not hang start-up.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise KeyLoadError(f"{origin} does not exist") from None
     except PermissionError:
@@ -143,7 +145,8 @@ def load_key(source: KeySource) -> SseKey:
         value = os.environ.get(source.env)
         if not value:
             raise KeyLoadError(f"{origin} is not set (it should hold the base64 of a 32-byte key)")
-        return parse_key_bytes(value.encode("utf-8", "surrogateescape"), origin=origin)
+        # Only base64 here: 32 characters of text would be a weak key taken as raw bytes.
+        return parse_key_bytes(value.encode("utf-8", "surrogateescape"), origin=origin, allow_raw=False)
     assert source.credential is not None
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
     if not directory:

@@ -30,6 +30,7 @@ from .cache import EncryptedScratchFile, ScratchArea
 from .config import MAX_PART_SIZE, Config
 from .errors import NoSuchObject, SsefsError
 from .inodes import ROOT_INODE, DirectoryEntry, InodeTable, Node, child_path
+from .readahead import SequentialReader
 from .store import ObjectStore
 from .uploader import upload_scratch
 
@@ -69,6 +70,7 @@ class OpenFile:
 class Handle:
     open_file: OpenFile
     writable: bool
+    reader: SequentialReader = field(default_factory=SequentialReader)
 
 
 class Filesystem:
@@ -281,10 +283,16 @@ class Filesystem:
         self._changed(open_file, scratch)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        open_file = self._handle(fh).open_file
+        handle = self._handle(fh)
+        open_file = handle.open_file
         if open_file.scratch is not None:
             return open_file.scratch.read(offset, size)
-        return await self.store.get_range(self.object_key(open_file.node.path), offset, size)
+        object_key = self.object_key(open_file.node.path)
+
+        async def fetch(start: int, length: int) -> bytes:
+            return await self.store.get_range(object_key, start, length)
+
+        return await handle.reader.read(offset, size, open_file.generation, fetch)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._handle(fh)
