@@ -26,6 +26,8 @@ MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB
 # S3 refuses single parts and single PUTs above 5 GiB.
 MAX_PART_SIZE = 5 * 1024 * MiB
+# A single PUT holds the whole body in memory, so files above this go multipart.
+MAX_SINGLE_PUT = 256 * MiB
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -243,8 +245,8 @@ def _build(config_path: Path, document: dict[str, Any]) -> Config:
     multipart_threshold = parse_size(
         s3.get("multipart_threshold", (str, int), "16MiB"), what="[s3] multipart_threshold"
     )
-    if not MIN_PART_SIZE <= multipart_threshold <= MAX_PART_SIZE:
-        raise ConfigError("[s3] multipart_threshold must be between 5MiB and 5GiB")
+    if not MIN_PART_SIZE <= multipart_threshold <= MAX_SINGLE_PUT:
+        raise ConfigError("[s3] multipart_threshold must be between 5MiB and 256MiB")
     s3_settings = S3Settings(
         endpoint=endpoint,
         bucket=bucket,
@@ -295,8 +297,8 @@ def _build(config_path: Path, document: dict[str, Any]) -> Config:
     mount = _Section("mount", document.get("mount", {}))
     defaults = MountSettings()
     mount_settings = MountSettings(
-        uid=mount.get("uid", int, defaults.uid),
-        gid=mount.get("gid", int, defaults.gid),
+        uid=_id(mount, "uid", defaults.uid),
+        gid=_id(mount, "gid", defaults.gid),
         file_mode=_mode(mount, "file_mode", defaults.file_mode),
         dir_mode=_mode(mount, "dir_mode", defaults.dir_mode),
         allow_other=mount.get("allow_other", bool, False),
@@ -306,6 +308,13 @@ def _build(config_path: Path, document: dict[str, Any]) -> Config:
     )
     mount.check_unknown()
     return Config(config_path, name, s3_settings, key_source, cache_settings, mount_settings)
+
+
+def _id(section: _Section, key: str, default: int) -> int:
+    value: int = section.get(key, int, default)
+    if not 0 <= value < 2**32 - 1:
+        raise ConfigError(f"[{section.name}] {key} must be a user or group id between 0 and 4294967294")
+    return value
 
 
 def _positive(section: _Section, key: str, default: int) -> int:
@@ -323,12 +332,16 @@ def _positive_float(section: _Section, key: str, default: float, *, allow_zero: 
 
 
 def _mode(section: _Section, key: str, default: int) -> int:
-    value = section.get(key, (str, int), default)
-    if isinstance(value, str):
-        try:
-            value = int(value, 8)
-        except ValueError:
-            raise ConfigError(f"[{section.name}] {key}: {value!r} is not an octal mode such as \"0644\"") from None
+    # Only strings: an integer 644 would be read as decimal (octal 1204), silently wrong.
+    if key in section.table and not isinstance(section.table[key], str):
+        raise ConfigError(f"[{section.name}] {key}: write the mode as an octal string, e.g. {key} = \"0644\"")
+    text = section.get(key, str, None)
+    if text is None:
+        return default
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise ConfigError(f"[{section.name}] {key}: {text!r} is not an octal mode such as \"0644\"") from None
     if not 0 <= value <= 0o7777:
         raise ConfigError(f"[{section.name}] {key}: mode out of range")
     return int(value)

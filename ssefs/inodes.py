@@ -81,7 +81,7 @@ class InodeTable:
         self._by_path: dict[str, Node] = {}
         self._next_inode = ROOT_INODE + 1
         self._listings: dict[str, CachedListing] = {}
-        root = Node(ROOT_INODE, "", is_dir=True, mtime=time.time(), lookups=1)
+        root = Node(ROOT_INODE, "", is_dir=True, mtime=time.time(), lookups=1, checked_at=float("inf"))
         self._by_inode[ROOT_INODE] = root
         self._by_path[""] = root
 
@@ -113,7 +113,9 @@ class InodeTable:
     def update_from_entry(self, node: Node, entry: DirectoryEntry) -> None:
         if node.has_local_data:
             return
-        node.size, node.mtime, node.etag = entry.size, entry.mtime, entry.etag
+        node.size, node.etag = entry.size, entry.etag
+        if entry.mtime or not node.mtime:
+            node.mtime = entry.mtime
         node.checked_at = time.monotonic()
 
     def is_fresh(self, node: Node) -> bool:

@@ -10,12 +10,14 @@ anything is mounted. No business logic lives here.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import signal
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,14 +52,16 @@ def state_file(mountpoint: Path) -> Path:
 
 def check_mountpoint(mountpoint: Path) -> None:
     try:
-        if not mountpoint.is_dir():
-            raise StartupCheckError(f"mount point {mountpoint} does not exist or is not a directory")
+        os.stat(mountpoint)
     except OSError as error:
-        if error.errno == 107:  # ENOTCONN: a FUSE daemon died and left its mount behind
-            raise StartupCheckError(
-                f"mount point {mountpoint} is a stale FUSE mount; run: fusermount3 -u {mountpoint}"
-            ) from None
-        raise StartupCheckError(f"mount point {mountpoint}: {error.strerror}") from None
+        if error.errno != errno.ENOTCONN:
+            raise StartupCheckError(f"mount point {mountpoint} does not exist or is not a directory") from None
+        # A daemon that died (kill -9, OOM) leaves a dead mount that answers ENOTCONN;
+        # it serves nothing, so clearing it is what a restart needs.
+        log.warning("mount point %s is a stale FUSE mount left by a dead daemon; unmounting it", mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, check=False)
+    if not mountpoint.is_dir():
+        raise StartupCheckError(f"mount point {mountpoint} does not exist or is not a directory")
     if os.path.ismount(mountpoint):
         raise StartupCheckError(f"{mountpoint} is already a mount point")
 
@@ -83,8 +87,8 @@ async def startup_check(store: ObjectStore, config: Config, *, skip_key_check: b
         except WrongKey:
             raise StartupCheckError(
                 f"the configured key (fingerprint {store.key_fingerprint}) cannot read {sample!r}: "
-                "objects here are encrypted under another SSE-C key. Check [key] in the config, "
-                "or mount anyway with --skip-key-check"
+                "objects here are encrypted under another SSE-C key (or the credentials may not read "
+                "them). Check [key] in the config, or mount anyway with --skip-key-check"
             ) from None
         except NotEncrypted as error:
             log.warning("%s (mounting anyway; such objects read as I/O errors)", error)

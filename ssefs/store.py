@@ -27,6 +27,7 @@ from botocore.config import Config as BotoConfig
 
 from .config import S3Settings
 from .errors import (
+    ConfigError,
     NoSuchObject,
     NotEncrypted,
     ServerUnavailable,
@@ -99,7 +100,10 @@ class ObjectStore:
         self._copy_source_sse = key.copy_source_params()
         self.limiter = trio.CapacityLimiter(settings.max_connections)
         self._sse_c_blocked: bool | None = None
-        session = boto3.session.Session(profile_name=settings.profile) if settings.profile else boto3.session.Session()
+        try:
+            session = boto3.session.Session(profile_name=settings.profile)
+        except botocore.exceptions.ProfileNotFound:
+            raise ConfigError(f"[s3] profile {settings.profile!r} is not defined in the AWS config files") from None
         credentials: dict[str, str] = {}
         if settings.access_key_id and settings.secret_access_key:
             credentials = {

@@ -9,9 +9,10 @@ and on fsync, before the call returns). It raises ``SsefsError`` subclasses
 carrying an errno; ``fs.py`` translates them for the kernel.
 
 Concurrency: everything runs on the trio loop. Each open file has a lock held
-across staging and uploading, the only places that await while file state is
-half-changed. A write during an upload bumps the file's generation, so the file
-stays dirty and is uploaded again at the next flush.
+across filling the staged copy and uploading it, the only places that await
+while file state is half-changed; a write waits for an upload in progress. The
+file's generation counts changes, so a file is dirty exactly while its
+generation differs from the one last uploaded.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class Filesystem:
         self._open_files: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = count(1)
+        self.started_at = time.time()
 
     # ------------------------------------------------------------------ helpers
 
@@ -206,8 +208,9 @@ class Filesystem:
                 entries[name] = DirectoryEntry(name, False, info.size, info.mtime, info.etag)
         for name in listing.prefixes:
             # A name that is both an object and a prefix shows as the directory.
+            # S3 keeps no time for a prefix: directories show the mount's start time.
             if _showable(name):
-                entries[name] = DirectoryEntry(name, True)
+                entries[name] = DirectoryEntry(name, True, mtime=self.started_at)
         return entries
 
     # ------------------------------------------------------------------ open files
@@ -468,8 +471,14 @@ class Filesystem:
 
 
 def _showable(name: str) -> bool:
-    """Names a listing may show: not empty, no separator, not . or .."""
-    return bool(name) and "/" not in name and name not in (".", "..")
+    """Names a listing may show: exactly those that ``lookup`` would also accept."""
+    return (
+        bool(name)
+        and "/" not in name
+        and "\\" not in name
+        and name not in (".", "..")
+        and len(name.encode()) <= NAME_MAX
+    )
 
 
 __all__ = ["Filesystem", "FsError", "ROOT_INODE"]

@@ -13,10 +13,10 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import select
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,24 +172,35 @@ class Mount:
 def start_mount(
     config: Path, mountpoint: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None
 ) -> Mount:
-    mountpoint.mkdir(parents=True, exist_ok=True)
+    try:
+        os.lstat(mountpoint)
+    except FileNotFoundError:
+        mountpoint.mkdir(parents=True)
+    except OSError:
+        pass  # e.g. ENOTCONN: a dead mount the daemon is expected to clear
+    read_end, write_end = os.pipe()
     process = subprocess.Popen(
-        ssefs_command("mount", str(config), str(mountpoint), "--log-file", str(log_path), *extra),
+        ssefs_command(
+            "mount", str(config), str(mountpoint), "--log-file", str(log_path), "--ready-fd", str(write_end), *extra
+        ),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        pass_fds=(write_end,),
         env=env,
     )
+    os.close(write_end)
     mount = Mount(mountpoint, process, log_path)
-    deadline = time.monotonic() + MOUNT_TIMEOUT_SECONDS
-    while not is_mounted(mountpoint):
-        if process.poll() is not None:
-            stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
-            raise MountFailed(process.returncode, stderr, mount.log())
-        if time.monotonic() > deadline:
+    # The daemon reports READY on this pipe once the mount is live, or closes it on failure.
+    with os.fdopen(read_end, "rb") as ready_pipe:
+        ready, _, _ = select.select([ready_pipe], [], [], MOUNT_TIMEOUT_SECONDS)
+        line = ready_pipe.readline().decode(errors="replace").strip() if ready else ""
+    if line != "READY":
+        if not ready:
             process.kill()
-            raise MountFailed(-1, "timed out", mount.log())
-        time.sleep(0.05)
+        code = process.wait(timeout=60)
+        stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+        raise MountFailed(code if ready else -1, stderr or line, mount.log())
     return mount
 
 

@@ -638,7 +638,7 @@ def test_part_size_limits_are_inclusive(tmp_path: Path, size: str | int, expecte
     assert config_with(tmp_path, s3=f"part_size = {value}").s3.part_size == expected
 
 
-@pytest.mark.parametrize("size", ['"1MiB"', '"6GiB"'])
+@pytest.mark.parametrize("size", ['"1MiB"', '"257MiB"', '"6GiB"'])
 def test_multipart_threshold_outside_limits_refused(tmp_path: Path, size: str) -> None:
     assert "multipart_threshold" in refused(tmp_path, s3=f"multipart_threshold = {size}")
 
@@ -653,7 +653,7 @@ def test_bad_cache_size_refused(tmp_path: Path, size: str) -> None:
 
 @pytest.mark.parametrize(
     ("given", "expected"),
-    [('"0750"', 0o750), ('"750"', 0o750), ('"0600"', 0o600), ('"2775"', 0o2775), ("0o640", 0o640), ("420", 0o644)],
+    [('"0750"', 0o750), ('"750"', 0o750), ('"0600"', 0o600), ('"2775"', 0o2775)],
 )
 def test_modes(tmp_path: Path, given: str, expected: int) -> None:
     config = config_with(tmp_path, extra=f"[mount]\ndir_mode = {given}\nfile_mode = {given}")
@@ -661,9 +661,19 @@ def test_modes(tmp_path: Path, given: str, expected: int) -> None:
     assert config.mount.file_mode == expected
 
 
-@pytest.mark.parametrize("given", ['"0789"', '"rwxr-x---"', '""', '"17777"', "-1", "65536"])
+@pytest.mark.parametrize("given", ['"0789"', '"rwxr-x---"', '""', '"17777"', "-1", "65536", "644", "0o644"])
 def test_bad_modes_refused(tmp_path: Path, given: str) -> None:
     assert "[mount] file_mode" in refused(tmp_path, extra=f"[mount]\nfile_mode = {given}")
+
+
+@pytest.mark.parametrize("given", ["644", "0o644"])
+def test_integer_modes_refused_with_the_string_form_suggested(tmp_path: Path, given: str) -> None:
+    assert 'file_mode = "0644"' in refused(tmp_path, extra=f"[mount]\nfile_mode = {given}")
+
+
+@pytest.mark.parametrize("field", ["uid", "gid"])
+def test_negative_ids_refused(tmp_path: Path, field: str) -> None:
+    assert f"[mount] {field}" in refused(tmp_path, extra=f"[mount]\n{field} = -5")
 
 
 # ------------------------------------------------------------------ parse_size

@@ -357,3 +357,38 @@ def test_background_mount_and_umount(
     )
     assert result.returncode == 1
     assert "does not exist" in result.stderr
+
+
+def test_restart_after_kill_9_clears_the_stale_mount(
+    config_file: Path, mount_ssefs: MountFactory, tmp_path: Path
+) -> None:
+    from .conftest import is_mounted
+
+    mountpoint = tmp_path / "crash-mnt"
+    first = mount_ssefs(config_file, mountpoint)
+    (mountpoint / "closed-before-crash.txt").write_bytes(b"survives")
+    first.process.kill()
+    first.process.wait(timeout=30)
+    assert is_mounted(mountpoint)  # the kernel keeps the dead mount: ENOTCONN
+    with pytest.raises(OSError) as caught:
+        os.listdir(mountpoint)
+    assert caught.value.errno == errno.ENOTCONN
+    second = mount_ssefs(config_file, mountpoint)
+    assert (second.mountpoint / "closed-before-crash.txt").read_bytes() == b"survives"
+    assert "stale FUSE mount" in second.log()
+
+
+def test_listed_names_can_be_looked_up(
+    config_file: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes
+) -> None:
+    import time
+
+    s3.put_object(Bucket=bucket, Key="ok.txt", Body=b"x", **sse_params(key_bytes))
+    s3.put_object(Bucket=bucket, Key="sub/inner.txt", Body=b"x", **sse_params(key_bytes))
+    mount = mount_ssefs(config_file)
+    names = os.listdir(mount.mountpoint)
+    assert sorted(names) == ["ok.txt", "sub"]
+    for name in names:
+        os.stat(mount.mountpoint / name)
+    # Directories have a real time, not 1970.
+    assert abs(os.stat(mount.mountpoint / "sub").st_mtime - time.time()) < 3600

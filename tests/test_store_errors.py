@@ -84,3 +84,13 @@ async def test_startup_refuses_credentials_without_access() -> None:
     stubber.add_client_error("head_bucket", "403", "Forbidden", 403)
     with pytest.raises(StartupCheckError, match="not allowed to use bucket"):
         await store.check_bucket()
+
+
+def test_unknown_aws_profile_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from ssefs.errors import ConfigError
+
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    settings = S3Settings(endpoint="https://s3.example.invalid", bucket="photos", profile="nope")
+    with pytest.raises(ConfigError, match="profile 'nope'"):
+        ObjectStore(settings, KEY)
