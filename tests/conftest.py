@@ -140,11 +140,13 @@ def is_mounted(mountpoint: Path) -> bool:
 
 
 def unmount(mountpoint: Path) -> None:
-    if not is_mounted(mountpoint):
-        return
-    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
-    if result.returncode != 0 and is_mounted(mountpoint):
-        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+    """Unmount everything stacked on ``mountpoint`` (a dead mount may sit under a live one)."""
+    for _attempt in range(5):
+        if not is_mounted(mountpoint):
+            return
+        result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
+        if result.returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
 
 
 @dataclass
