@@ -1,150 +1,497 @@
-"""Local staging of file data, encrypted at rest: no plaintext ever reaches the disk.
+"""The local block cache: file data on disk, encrypted, crash-safe and bounded.
 
-A file being written is staged in an ``EncryptedScratchFile``: an unlinked
-temporary file in the cache directory (created 0700) made of fixed-size blocks,
-each sealed with AES-256-GCM under a key that exists only in this process's
-memory, a fresh random 96-bit nonce per sealing, and the file's random id and
-block number as associated data (so blocks cannot be swapped or replayed between
-files). One "hot" block per file is kept in memory in plaintext so that
-sequential writes seal each block once instead of once per ``write()``. Blocks
-never written read as zeros, which gives sparse files for free.
+Layout of the cache directory (created 0700; files 0600):
+``journal.sqlite`` records the cache's identity (which bucket and which key it
+belongs to), one row per cached object (an *entry*) and one row per stored
+block; ``blocks/<entry id>/<block index>`` holds one block each.
 
-Because the scratch key lives only in memory, staged data does not survive the
-process; the persistent, crash-safe write-back cache is built on this format
-later. The file size is tracked here; bytes past it are kept zero so that
-growing the file later shows zeros, as POSIX requires.
+Every block is 1 MiB of plaintext sealed with AES-256-GCM under a key derived
+from the mount's SSE-C key (HKDF, ``keys.SseKey.derive``), with a fresh random
+96-bit nonce per sealing and the entry's random 128-bit id plus the block index
+as associated data, so a block cannot be moved to another place or file. No
+plaintext of file data is ever written here. Random nonces under one key stay
+safe far beyond any cache's life (the collision bound is reached after about
+2^32 sealings, i.e. 4 PiB of writes).
+
+An entry's bytes are: stored blocks where present; else, below ``base_valid``,
+the bytes of the S3 object ``base_key`` (fetched on demand); else zeros. So a
+write into a large object fetches only the blocks it touches, and truncation
+never needs a download. ``generation`` counts changes; an entry is dirty while
+it differs from ``uploaded_generation``. A block written at generation g turns
+clean once generation g has been uploaded; only clean blocks are evicted.
+
+Crash safety: a block file is written to a temporary name and renamed, and its
+journal row is written after it, so the journal never points at a missing
+block. On close and fsync the caller seals the in-memory hot block and calls
+``sync``, which fsyncs the block files written since and commits the entry's
+generation durably, so
+after ``kill -9`` or a power cut every closed or fsynced write is found again.
+Block files without a journal row (a crash between the two steps) are removed
+at start.
+
+Size bound: clean blocks are evicted least-recently-used first. Writers call
+``ensure_space`` *before* taking ``Entry.lock`` (the uploader that frees space
+needs that lock); storing a block under the lock only evicts, never waits, so
+the bound can be exceeded by at most the blocks of writes in progress. The
+cache has no lock of its own: it runs only on the trio thread and its
+synchronous methods never await.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
+import logging
 import os
 import secrets
-import tempfile
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import SsefsError
+from .errors import ConfigError, SsefsError
+from .keys import SseKey
 
-# 1 MiB blocks: large enough that per-block overhead (a nonce, a tag, one
-# encryption call) is negligible, small enough that a random 4 KiB write costs
-# only one block's decryption and re-encryption.
+log = logging.getLogger(__name__)
+
+# 1 MiB blocks: large enough that per-block overhead (a file, a journal row, a
+# nonce and tag, one encryption call) is negligible, small enough that a random
+# 4 KiB write costs one block's fetch and re-encryption, not more.
 BLOCK_SIZE = 1024 * 1024
 NONCE_BYTES = 12
-TAG_BYTES = 16
-SLOT_SIZE = NONCE_BYTES + BLOCK_SIZE + TAG_BYTES
+FORMAT_VERSION = "1"
+BLOCK_MAGIC = b"SSEFSB1\0"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid BLOB NOT NULL,
+    object_key TEXT NOT NULL UNIQUE,
+    base_key TEXT,
+    base_etag TEXT NOT NULL,
+    base_valid INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    generation INTEGER NOT NULL,
+    uploaded_generation INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blocks (
+    entry_id INTEGER NOT NULL,
+    block_index INTEGER NOT NULL,
+    stored_bytes INTEGER NOT NULL,
+    write_generation INTEGER NOT NULL,
+    PRIMARY KEY (entry_id, block_index)
+);
+"""
 
 
 class CorruptBlock(SsefsError):
-    """A sealed block failed authentication: the scratch file was tampered with or torn."""
+    """A dirty block failed authentication: local data was damaged and cannot be re-fetched."""
 
 
-class ScratchArea:
-    """A 0700 directory that holds encrypted scratch files, and the in-memory key for them."""
+class CacheMismatch(ConfigError):
+    """The cache directory belongs to another bucket or was written under another key."""
 
-    def __init__(self, directory: Path) -> None:
+
+@dataclass
+class Entry:
+    """What the cache holds for one object key."""
+
+    id: int
+    uid: bytes
+    object_key: str
+    base_key: str | None
+    base_etag: str
+    base_valid: int
+    size: int
+    mtime: float
+    generation: int = 0
+    uploaded_generation: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock, repr=False, compare=False)
+    # Block files written since the last sync, to fsync on the next one.
+    unsynced: set[int] = field(default_factory=set, repr=False, compare=False)
+    open_writers: int = 0
+
+    @property
+    def dirty(self) -> bool:
+        return self.generation != self.uploaded_generation
+
+    @property
+    def block_count(self) -> int:
+        return (self.size + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+
+@dataclass
+class BlockInfo:
+    stored_bytes: int
+    # The entry generation of the last write into this block; 0 for a block fetched clean.
+    write_generation: int
+
+
+class BlockCache:
+    """Encrypted blocks of cached objects, with their journal."""
+
+    def __init__(self, directory: Path, key: SseKey, *, identity: str, max_size: int) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # mkdir's mode is masked by umask and ignored for an existing directory.
         os.chmod(self.directory, 0o700)
-        self._cipher = AESGCM(AESGCM.generate_key(bit_length=256))
-
-    def new_file(self) -> EncryptedScratchFile:
-        return EncryptedScratchFile(self.directory, self._cipher)
-
-
-class EncryptedScratchFile:
-    """A sparse, growable byte array stored encrypted in an unlinked temporary file."""
-
-    def __init__(self, directory: Path, cipher: AESGCM) -> None:
-        self._file = tempfile.TemporaryFile(dir=directory, prefix="scratch-")
-        os.fchmod(self._file.fileno(), 0o600)
-        self._cipher = cipher
-        self._file_id = secrets.token_bytes(16)
-        self.size = 0
-        self._sealed: set[int] = set()
-        self._hot_index: int | None = None
-        self._hot = bytearray()
-
-    # --------------------------------------------------------------- blocks
-
-    def _associated_data(self, index: int) -> bytes:
-        return self._file_id + index.to_bytes(8, "big")
-
-    def _seal(self, index: int, plaintext: bytes | bytearray) -> None:
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        sealed = self._cipher.encrypt(nonce, bytes(plaintext), self._associated_data(index))
-        os.pwrite(self._file.fileno(), nonce + sealed, index * SLOT_SIZE)
-        self._sealed.add(index)
-
-    def _open(self, index: int) -> bytearray:
-        if index not in self._sealed:
-            return bytearray(BLOCK_SIZE)
-        slot = os.pread(self._file.fileno(), SLOT_SIZE, index * SLOT_SIZE)
+        self.blocks_dir = self.directory / "blocks"
+        self.blocks_dir.mkdir(exist_ok=True, mode=0o700)
+        self.max_size = max_size
+        cache_key = key.derive(b"cache-blocks-v1")
+        self._cipher = AESGCM(cache_key)
+        key_check = hmac.new(cache_key, b"ssefs cache key check", hashlib.sha256).hexdigest()
+        self._db = sqlite3.connect(self.directory / "journal.sqlite", isolation_level=None)
+        os.chmod(self.directory / "journal.sqlite", 0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: single statements commit without an fsync; ``sync`` commits
+        # with FULL, which fsyncs the write-ahead log and with it every earlier commit.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
         try:
-            return bytearray(self._cipher.decrypt(slot[:NONCE_BYTES], slot[NONCE_BYTES:], self._associated_data(index)))
-        except InvalidTag:
-            raise CorruptBlock(f"staged block {index} failed authentication (local disk tampered or damaged)") from None
+            self._check_identity(identity, key_check)
+        except BaseException:
+            self._db.close()
+            raise
+        self._entries: dict[int, Entry] = {}
+        self._by_key: dict[str, Entry] = {}
+        self._blocks: dict[tuple[int, int], BlockInfo] = {}
+        # Clean blocks in least-recently-used order: the eviction candidates.
+        self._clean_lru: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self.used_bytes = 0
+        self._space_freed = trio.Event()
+        self._load()
 
-    def _block(self, index: int) -> bytearray:
-        """Make ``index`` the hot block (sealing the previous one) and return it."""
-        if self._hot_index != index:
-            if self._hot_index is not None:
-                self._seal(self._hot_index, self._hot)
-            self._hot = self._open(index)
-            self._hot_index = index
-        return self._hot
+    # ------------------------------------------------------------------ start-up
 
-    # --------------------------------------------------------------- file API
+    def _check_identity(self, identity: str, key_check: str) -> None:
+        stored = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
+        if not stored:
+            with self._transaction():
+                self._db.executemany(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    [("format", FORMAT_VERSION), ("identity", identity), ("key_check", key_check)],
+                )
+            return
+        if stored.get("format") != FORMAT_VERSION:
+            raise CacheMismatch(f"cache {self.directory} has format {stored.get('format')!r}, not {FORMAT_VERSION}")
+        if stored.get("identity") != identity:
+            raise CacheMismatch(
+                f"cache {self.directory} belongs to {stored.get('identity')}, not {identity}; "
+                "give this mount its own [cache] dir"
+            )
+        if not hmac.compare_digest(stored.get("key_check", ""), key_check):
+            raise CacheMismatch(
+                f"cache {self.directory} was written under another SSE-C key; it may hold data not yet "
+                "uploaded. Mount with the key that wrote it, or give this mount another [cache] dir"
+            )
 
-    def write(self, offset: int, data: bytes) -> int:
-        if not data:
-            return 0  # POSIX: a zero-length write leaves the size alone
-        view = memoryview(data)
-        position = offset
-        while view:
-            index, within = divmod(position, BLOCK_SIZE)
-            count = min(len(view), BLOCK_SIZE - within)
-            self._block(index)[within:within + count] = view[:count]
-            view = view[count:]
-            position += count
-        self.size = max(self.size, position)
-        return len(data)
+    def _load(self) -> None:
+        for row in self._db.execute(
+            "SELECT id, uid, object_key, base_key, base_etag, base_valid, size, mtime, generation, "
+            "uploaded_generation FROM entries"
+        ):
+            entry = Entry(*row)
+            self._entries[entry.id] = entry
+            self._by_key[entry.object_key] = entry
+        for entry_id, index, stored_bytes, write_generation in self._db.execute(
+            "SELECT entry_id, block_index, stored_bytes, write_generation FROM blocks"
+        ).fetchall():
+            owner = self._entries.get(entry_id)
+            if owner is not None and not self._block_path(entry_id, index).exists() \
+                    and write_generation > owner.uploaded_generation:
+                log.error("cached block %d of %r (not yet uploaded) is missing from %s",
+                          index, owner.object_key, self.blocks_dir)
+            if owner is None or not self._block_path(entry_id, index).exists():
+                self._db.execute("DELETE FROM blocks WHERE entry_id = ? AND block_index = ?", (entry_id, index))
+                continue
+            self._blocks[(entry_id, index)] = BlockInfo(stored_bytes, write_generation)
+            self.used_bytes += stored_bytes
+            if write_generation <= owner.uploaded_generation:
+                self._clean_lru[(entry_id, index)] = None
+        self._remove_orphan_files()
 
-    def read(self, offset: int, length: int) -> bytes:
-        end = min(offset + length, self.size)
-        pieces: list[bytes] = []
-        position = offset
-        while position < end:
-            index, within = divmod(position, BLOCK_SIZE)
-            count = min(end - position, BLOCK_SIZE - within)
-            if index == self._hot_index:
-                pieces.append(bytes(self._hot[within:within + count]))
-            elif index not in self._sealed:
-                pieces.append(bytes(count))
-            else:
-                pieces.append(bytes(self._open(index)[within:within + count]))
-            position += count
-        return b"".join(pieces)
-
-    def truncate(self, size: int) -> None:
-        if size < self.size:
-            last_index, within = divmod(size, BLOCK_SIZE)
-            # Zero the tail of the last kept block so a later extension reads zeros.
-            if within and (last_index in self._sealed or last_index == self._hot_index):
-                block = self._block(last_index)
-                block[within:] = bytes(BLOCK_SIZE - within)
-            dropped_from = last_index + 1 if within else last_index
-            for index in [i for i in self._sealed if i >= dropped_from]:
-                self._sealed.discard(index)
-            if self._hot_index is not None and self._hot_index >= dropped_from:
-                self._hot_index = None
-                self._hot = bytearray()
-            os.ftruncate(self._file.fileno(), dropped_from * SLOT_SIZE)
-        self.size = size
+    def _remove_orphan_files(self) -> None:
+        for entry_dir in self.blocks_dir.iterdir():
+            if not entry_dir.is_dir():
+                entry_dir.unlink()
+                continue
+            entry_id = int(entry_dir.name) if entry_dir.name.isdigit() else -1
+            for block_file in entry_dir.iterdir():
+                index = int(block_file.name) if block_file.name.isdigit() else -1
+                if (entry_id, index) not in self._blocks:
+                    block_file.unlink()
+            if entry_id not in self._entries:
+                entry_dir.rmdir()
 
     def close(self) -> None:
-        self._hot = bytearray()
-        self._hot_index = None
-        self._file.close()
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ entries
+
+    def entry(self, object_key: str) -> Entry | None:
+        return self._by_key.get(object_key)
+
+    def is_live(self, entry: Entry) -> bool:
+        """False once the entry was dropped (its file deleted or replaced)."""
+        return self._entries.get(entry.id) is entry
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
+    def dirty_entries(self) -> list[Entry]:
+        return [entry for entry in self._entries.values() if entry.dirty]
+
+    def create_entry(
+        self, object_key: str, *, base_etag: str, base_size: int, mtime: float, exists_in_s3: bool
+    ) -> Entry:
+        """A new entry for ``object_key`` whose unstored bytes come from the object as it is now."""
+        if object_key in self._by_key:
+            self.drop_entry(self._by_key[object_key])
+        uid = secrets.token_bytes(16)
+        base_key = object_key if exists_in_s3 else None
+        base_valid = base_size if exists_in_s3 else 0
+        with self._transaction():
+            cursor = self._db.execute(
+                "INSERT INTO entries (uid, object_key, base_key, base_etag, base_valid, size, mtime, generation, "
+                "uploaded_generation) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0)",
+                (uid, object_key, base_key, base_etag, base_valid, base_size, mtime),
+            )
+        entry_id = cursor.lastrowid
+        assert entry_id is not None
+        entry = Entry(entry_id, uid, object_key, base_key, base_etag, base_valid, base_size, mtime)
+        self._entries[entry.id] = entry
+        self._by_key[object_key] = entry
+        return entry
+
+    def drop_entry(self, entry: Entry) -> None:
+        """Forget an entry and delete its blocks (the file was deleted or changed elsewhere)."""
+        for index in [i for (e, i) in self._blocks if e == entry.id]:
+            self._forget_block(entry, index)
+        with self._transaction():
+            self._db.execute("DELETE FROM blocks WHERE entry_id = ?", (entry.id,))
+            self._db.execute("DELETE FROM entries WHERE id = ?", (entry.id,))
+        self._entries.pop(entry.id, None)
+        if self._by_key.get(entry.object_key) is entry:
+            del self._by_key[entry.object_key]
+        entry_dir = self.blocks_dir / str(entry.id)
+        if entry_dir.exists():
+            for leftover in entry_dir.iterdir():
+                leftover.unlink()
+            entry_dir.rmdir()
+        self._signal_space()
+
+    def rename_entry(self, entry: Entry, new_key: str) -> None:
+        replaced = self._by_key.get(new_key)
+        if replaced is not None and replaced is not entry:
+            self.drop_entry(replaced)
+        with self._transaction():
+            self._db.execute("UPDATE entries SET object_key = ? WHERE id = ?", (new_key, entry.id))
+        del self._by_key[entry.object_key]
+        entry.object_key = new_key
+        self._by_key[new_key] = entry
+
+    def record_change(self, entry: Entry, *, size: int | None = None) -> None:
+        """Note a write or truncate in memory; ``sync`` makes it durable."""
+        entry.generation += 1
+        if size is not None:
+            entry.size = size
+        entry.mtime = time.time()
+
+    async def sync(self, entry: Entry) -> None:
+        """Make the entry's stored blocks and state durable (close, fsync, before upload)."""
+        paths = [self._block_path(entry.id, index) for index in entry.unsynced]
+        entry.unsynced.clear()
+
+        def fsync_all() -> None:
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue  # dropped since (truncated away)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if paths:
+                directory_fd = os.open(self.blocks_dir / str(entry.id), os.O_RDONLY)
+                try:
+                    os.fsync(directory_fd)
+                finally:
+                    os.close(directory_fd)
+
+        await trio.to_thread.run_sync(fsync_all)
+        self._save_entry(entry, durable=True)
+
+    def _save_entry(self, entry: Entry, *, durable: bool = False) -> None:
+        if entry.id not in self._entries:
+            return
+        if durable:
+            self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            self._db.execute(
+                "UPDATE entries SET base_key = ?, base_etag = ?, base_valid = ?, size = ?, mtime = ?, "
+                "generation = ?, uploaded_generation = ? WHERE id = ?",
+                (entry.base_key, entry.base_etag, entry.base_valid, entry.size, entry.mtime,
+                 entry.generation, entry.uploaded_generation, entry.id),
+            )
+        finally:
+            if durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def mark_uploaded(self, entry: Entry, generation: int, *, etag: str, size: int) -> None:
+        """Generation ``generation`` is now the object in S3: its blocks turn clean."""
+        entry.uploaded_generation = generation
+        entry.base_key = entry.object_key
+        entry.base_etag = etag
+        entry.base_valid = size
+        for (entry_id, index), info in self._blocks.items():
+            if entry_id == entry.id and info.write_generation <= generation:
+                self._clean_lru[(entry_id, index)] = None
+        self._save_entry(entry, durable=True)
+        self._signal_space()
+
+    def truncate(self, entry: Entry, size: int) -> None:
+        """Drop whole blocks past ``size``; bytes past it will read as zeros."""
+        first_dropped = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        for index in [i for (e, i) in self._blocks if e == entry.id and i >= first_dropped]:
+            self._forget_block(entry, index)
+            self._db.execute("DELETE FROM blocks WHERE entry_id = ? AND block_index = ?", (entry.id, index))
+        entry.base_valid = min(entry.base_valid, size)
+        self._signal_space()
+
+    # ------------------------------------------------------------------ blocks
+
+    def _block_path(self, entry_id: int, index: int) -> Path:
+        return self.blocks_dir / str(entry_id) / str(index)
+
+    def _associated_data(self, entry: Entry, index: int) -> bytes:
+        return entry.uid + index.to_bytes(8, "big")
+
+    def has_block(self, entry: Entry, index: int) -> bool:
+        return (entry.id, index) in self._blocks
+
+    def read_block(self, entry: Entry, index: int) -> bytes | None:
+        """The block's plaintext (BLOCK_SIZE bytes), or None if not stored.
+
+        A clean block that fails authentication is dropped (it will be fetched
+        again); a dirty one raises ``CorruptBlock``.
+        """
+        info = self._blocks.get((entry.id, index))
+        if info is None:
+            return None
+        try:
+            sealed = self._block_path(entry.id, index).read_bytes()
+            if not sealed.startswith(BLOCK_MAGIC):
+                raise InvalidTag
+            nonce = sealed[len(BLOCK_MAGIC):len(BLOCK_MAGIC) + NONCE_BYTES]
+            plaintext = self._cipher.decrypt(
+                nonce, sealed[len(BLOCK_MAGIC) + NONCE_BYTES:], self._associated_data(entry, index)
+            )
+        except (InvalidTag, FileNotFoundError):
+            if info.write_generation > entry.uploaded_generation:
+                raise CorruptBlock(
+                    f"cached block {index} of {entry.object_key!r} (not yet uploaded) is damaged on local disk "
+                    f"({self._block_path(entry.id, index)})"
+                ) from None
+            log.warning("cached block %d of %r was damaged; fetching it again", index, entry.object_key)
+            self._forget_block(entry, index)
+            self._db.execute("DELETE FROM blocks WHERE entry_id = ? AND block_index = ?", (entry.id, index))
+            return None
+        if (entry.id, index) in self._clean_lru:
+            self._clean_lru.move_to_end((entry.id, index))
+        return plaintext
+
+    def write_block(self, entry: Entry, index: int, plaintext: bytes, *, dirty: bool) -> None:
+        """Seal and store one block. Call ``await ensure_space`` first."""
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        sealed = BLOCK_MAGIC + nonce + self._cipher.encrypt(nonce, plaintext, self._associated_data(entry, index))
+        path = self._block_path(entry.id, index)
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        temporary = path.with_name(f".{index}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, sealed)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        previous = self._blocks.get((entry.id, index))
+        if previous is not None:
+            self.used_bytes -= previous.stored_bytes
+        write_generation = entry.generation if dirty else 0
+        self._blocks[(entry.id, index)] = BlockInfo(len(sealed), write_generation)
+        self.used_bytes += len(sealed)
+        if dirty:
+            self._clean_lru.pop((entry.id, index), None)
+            entry.unsynced.add(index)
+        else:
+            self._clean_lru[(entry.id, index)] = None
+        self._db.execute(
+            "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", (entry.id, index, len(sealed), write_generation)
+        )
+
+    def _forget_block(self, entry: Entry, index: int) -> None:
+        info = self._blocks.pop((entry.id, index), None)
+        if info is None:
+            return
+        self.used_bytes -= info.stored_bytes
+        self._clean_lru.pop((entry.id, index), None)
+        entry.unsynced.discard(index)
+        self._block_path(entry.id, index).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ size bound
+
+    @property
+    def dirty_bytes(self) -> int:
+        return sum(
+            info.stored_bytes
+            for (entry_id, _index), info in self._blocks.items()
+            if info.write_generation > self._entries[entry_id].uploaded_generation
+        )
+
+    def _signal_space(self) -> None:
+        self._space_freed.set()
+        self._space_freed = trio.Event()
+
+    def evict_clean(self, needed: int) -> None:
+        """Evict least-recently-used clean blocks until ``needed`` more bytes fit."""
+        while self.used_bytes + needed > self.max_size and self._clean_lru:
+            (entry_id, index), _ = self._clean_lru.popitem(last=False)
+            entry = self._entries[entry_id]
+            self._forget_block(entry, index)
+            self._db.execute("DELETE FROM blocks WHERE entry_id = ? AND block_index = ?", (entry_id, index))
+
+    async def ensure_space(self, needed: int, on_full: Callable[[], Awaitable[None]]) -> None:
+        """Make room for ``needed`` bytes: evict clean blocks, else wait for uploads (backpressure).
+
+        ``on_full`` is called when only dirty data is left; it should start
+        uploads (the write-back queue) so that space frees up.
+        """
+        self.evict_clean(needed)
+        while self.used_bytes + needed > self.max_size:
+            waiter = self._space_freed
+            await on_full()
+            self.evict_clean(needed)
+            if self.used_bytes + needed <= self.max_size:
+                return
+            with trio.move_on_after(1.0):
+                await waiter.wait()
+            self.evict_clean(needed)

@@ -224,6 +224,49 @@ def _alive(pid: int) -> bool:
 
 
 @main.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+def status(mountpoint: Path, as_json: bool) -> None:
+    """Show what the daemon serving MOUNTPOINT is doing: cache use, dirty data, uploads, errors."""
+    from .mount import state_file
+
+    mountpoint = mountpoint.absolute()
+    try:
+        state = json.loads(state_file(mountpoint).read_text())
+    except (OSError, ValueError):
+        fail(f"no ssefs daemon is serving {mountpoint}")
+    if not _alive(int(state["pid"])):
+        fail(f"the ssefs daemon for {mountpoint} (pid {state['pid']}) is gone; remount to recover its cache")
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+        return
+    prefix = state["prefix"]
+    rows = [
+        ("mount point", state["mountpoint"]),
+        ("daemon pid", state["pid"]),
+        ("endpoint", state["endpoint"]),
+        ("bucket", state["bucket"] + ("/" + prefix if prefix else "")),
+        ("key fingerprint", state["key_fingerprint"]),
+        ("cache", f"{_size(state['cache_used_bytes'])} of {_size(state['cache_max_bytes'])} in {state['cache_dir']}"),
+        ("dirty", f"{state['dirty_files']} file(s), {_size(state['dirty_bytes'])} waiting for upload"),
+        ("uploads in flight", state["uploads_in_flight"]),
+        ("uploaded", f"{state['uploaded_files']} file(s), {_size(state['uploaded_bytes'])} since mount"),
+        ("last upload error", state["last_upload_error"] or "none"),
+    ]
+    for label, value in rows:
+        click.echo(f"{label:>18}: {value}")
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+@main.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 def keygen(path: Path) -> None:
     """Write a new random 32-byte SSE-C key to PATH (mode 0600; never overwrites)."""

@@ -26,6 +26,8 @@ MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB
 # S3 refuses single parts and single PUTs above 5 GiB.
 MAX_PART_SIZE = 5 * 1024 * MiB
+# The cache must hold a few blocks per file being written and uploaded at once.
+MIN_CACHE_SIZE = 64 * MiB
 # A single PUT holds the whole body in memory, so files above this go multipart.
 MAX_SINGLE_PUT = 256 * MiB
 
@@ -95,6 +97,9 @@ class KeySource:
 class CacheSettings:
     dir: Path
     max_size: int = 10 * 1024 * MiB
+    # Seconds between a file's last close and its upload: long enough that an
+    # editor's save (write, rename) or tar's create-then-chmod is one upload.
+    writeback_delay: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -291,7 +296,10 @@ def _build(config_path: Path, document: dict[str, Any]) -> Config:
     cache_settings = CacheSettings(
         dir=_resolve(base, cache_dir) if cache_dir else default_cache_dir(name),
         max_size=parse_size(cache.get("max_size", (str, int), "10GiB"), what="[cache] max_size"),
+        writeback_delay=_positive_float(cache, "writeback_delay", 3.0, allow_zero=True),
     )
+    if cache_settings.max_size < MIN_CACHE_SIZE:
+        raise ConfigError("[cache] max_size must be at least 64MiB")
     cache.check_unknown()
 
     mount = _Section("mount", document.get("mount", {}))

@@ -148,6 +148,9 @@ class InodeTable:
         if node is not None:
             self._detach(node)
             self.drop_if_unused(node)
+        listing = self._listings.get(_parent(path))
+        if listing is not None:
+            listing.entries.pop(path.rsplit("/", 1)[-1], None)
         self.invalidate_listing(_parent(path))
         return node
 
@@ -178,8 +181,14 @@ class InodeTable:
     def store_listing(self, path: str, entries: dict[str, DirectoryEntry]) -> None:
         self._listings[path] = CachedListing(entries)
 
+    def last_listing(self, path: str) -> CachedListing | None:
+        """The last listing seen, however old: the best answer while S3 cannot be reached."""
+        return self._listings.get(path)
+
     def invalidate_listing(self, path: str) -> None:
-        self._listings.pop(path, None)
+        listing = self._listings.get(path)
+        if listing is not None:
+            listing.fetched_at = float("-inf")
 
     # ---------------------------------------------------------------- attributes
 

@@ -18,12 +18,14 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from .cache import BlockCache
 from .config import Config
 from .errors import NotEncrypted, ServerUnavailable, StartupCheckError, WrongKey
 from .fs import Operations
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 # How many keys to list when looking for one real object to test the key on.
 KEY_CHECK_SAMPLE = 50
+STATUS_INTERVAL_SECONDS = 1.0
 
 
 def runtime_dir() -> Path:
@@ -131,7 +134,12 @@ async def serve(
     check_mountpoint(mountpoint)
     store = ObjectStore(config.s3, key)
     await startup_check(store, config, skip_key_check=skip_key_check or config.mount.skip_key_check)
-    filesystem = Filesystem(config, store)
+    cache = BlockCache(
+        config.cache.dir, key, identity=f"{config.s3.endpoint}/{config.s3.bucket}/{config.key_prefix}",
+        max_size=config.cache.max_size,
+    )
+    filesystem = Filesystem(config, store, cache)
+    filesystem.recover()
     operations = Operations(filesystem)
     # Resolved before mounting: once mounted, touching the mount point from this
     # thread would wait for our own, not yet running, request loop.
@@ -140,7 +148,7 @@ async def serve(
     unmounted = False
     try:
         state.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        state.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mountpoint), "config": str(config.path)}))
+        _write_state(state, _status(config, key, mountpoint, filesystem))
         log.info(
             "mounted s3 bucket %s%s at %s (key fingerprint %s)",
             config.s3.bucket, "/" + config.key_prefix if config.key_prefix else "", mountpoint, key.fingerprint,
@@ -149,6 +157,8 @@ async def serve(
         _notify_systemd("READY=1")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
+            await nursery.start(filesystem.writeback.run)
+            nursery.start_soon(_report_status, state, config, key, mountpoint, filesystem)
             await pyfuse3.main()
             unmounted = True
             nursery.cancel_scope.cancel()
@@ -158,8 +168,50 @@ async def serve(
         # files still hold stays in memory and is uploaded right after.
         pyfuse3.close(unmount=True)
         await filesystem.shutdown()
+        cache.close()
         state.unlink(missing_ok=True)
         log.info("unmounted %s%s", mountpoint, "" if unmounted else " (after an error)")
+
+
+def _status(config: Config, key: SseKey, mountpoint: Path, filesystem: Filesystem) -> dict[str, object]:
+    writeback = filesystem.writeback.status()
+    return {
+        "pid": os.getpid(),
+        "mountpoint": str(mountpoint),
+        "config": str(config.path),
+        "endpoint": config.s3.endpoint,
+        "bucket": config.s3.bucket,
+        "prefix": config.key_prefix,
+        "key_fingerprint": key.fingerprint,
+        "cache_dir": str(config.cache.dir),
+        "cache_used_bytes": filesystem.cache.used_bytes,
+        "cache_max_bytes": filesystem.cache.max_size,
+        "dirty_files": writeback.dirty_files,
+        "dirty_bytes": writeback.dirty_bytes,
+        "uploads_in_flight": writeback.uploads_in_flight,
+        "uploaded_files": filesystem.writeback.uploaded_files,
+        "uploaded_bytes": filesystem.writeback.uploaded_bytes,
+        "last_upload_error": writeback.last_error,
+        "updated_at": time.time(),
+    }
+
+
+def _write_state(path: Path, payload: dict[str, object]) -> None:
+    temporary = path.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as state_out:
+        json.dump(payload, state_out)
+    os.replace(temporary, path)
+
+
+async def _report_status(state: Path, config: Config, key: SseKey, mountpoint: Path, filesystem: Filesystem) -> None:
+    """Refresh the state file that ``ssefs status`` reads, once a second."""
+    while True:
+        await trio.sleep(STATUS_INTERVAL_SECONDS)
+        try:
+            _write_state(state, _status(config, key, mountpoint, filesystem))
+        except OSError as error:
+            log.debug("could not write status file %s: %s", state, error)
 
 
 async def _terminate_on_signal() -> None:

@@ -1,31 +1,49 @@
-"""Uploading a staged file to S3: one PUT for small files, parallel multipart for large ones.
+"""The write-back queue: when and how cached changes travel to S3.
 
-This module decides how a file's bytes travel: below ``multipart_threshold`` one
-PutObject; above it CreateMultipartUpload, parts read from the encrypted scratch
-file and sent by at most ``upload_concurrency`` workers at once (so memory is
-bounded by ``upload_concurrency * part_size`` whatever the file size), then
-CompleteMultipartUpload, or AbortMultipartUpload on any failure so no orphaned
-parts are left behind. The part size grows for huge files so that no upload
-needs more than S3's 10,000 parts. The write-back queue comes later; for now the
-caller awaits the upload.
+``WriteBack`` keeps a due time per dirty entry. A file is uploaded once it has
+no open writers and ``writeback_delay`` seconds passed since its last change
+(so editors' write-rename sequences and ``tar`` cause one upload, not many);
+``fsync`` and rename upload at once. At most ``MAX_FILES_IN_FLIGHT`` files
+upload together. A failed upload is retried with capped exponential backoff
+(1 s doubling to 5 min) and never dropped: the data stays in the cache, also
+across restarts. When the cache is full of dirty data, ``make_room`` makes every
+dirty entry due at once, open ones included, so writers waiting for space move on.
+
+``upload_object`` decides how one object's bytes travel: up to
+``multipart_threshold`` one PutObject; above it a multipart upload whose parts
+are read from the cache (missing ranges from the object the entry is based on)
+and sent by at most ``upload_concurrency`` workers, so memory stays bounded by
+``upload_concurrency * part_size`` whatever the file size; any failure aborts
+the multipart upload so no orphaned parts are left. The part size grows for
+huge files so that no upload needs more than S3's 10,000 parts.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
-from .cache import EncryptedScratchFile
+from .cache import BlockCache, Entry
+from .cachedfile import CachedFile
 from .config import MAX_PART_SIZE, MiB, S3Settings
-from .errors import unwrap_group
+from .errors import SsefsError, unwrap_group
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
 
 # S3 allows at most 10,000 parts per multipart upload.
 MAX_PARTS = 10_000
+# Two files at once keep a 2-core machine's upload path busy without letting
+# one huge file starve small ones; each file has its own parallel parts.
+MAX_FILES_IN_FLIGHT = 2
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 300.0
+
+ReadRange = Callable[[int, int], Awaitable[bytes]]
 
 
 def part_size_for(total_size: int, configured: int) -> int:
@@ -36,17 +54,13 @@ def part_size_for(total_size: int, configured: int) -> int:
     return min(MAX_PART_SIZE, math.ceil(needed / MiB) * MiB)
 
 
-async def upload_scratch(
-    store: ObjectStore,
-    settings: S3Settings,
-    object_key: str,
-    scratch: EncryptedScratchFile,
+async def upload_object(
+    store: ObjectStore, settings: S3Settings, object_key: str, size: int, read: ReadRange,
     metadata: dict[str, str] | None = None,
 ) -> str:
-    """Upload the whole scratch file as ``object_key``; returns the new ETag."""
-    size = scratch.size
+    """Upload ``size`` bytes produced by ``read(offset, length)`` as ``object_key``; returns the ETag."""
     if size <= settings.multipart_threshold:
-        return await store.put(object_key, scratch.read(0, size), metadata)
+        return await store.put(object_key, await read(0, size), metadata)
 
     part_size = part_size_for(size, settings.part_size)
     part_count = math.ceil(size / part_size)
@@ -62,7 +76,7 @@ async def upload_scratch(
             async with receive:
                 async for part_index in receive:
                     offset = part_index * part_size
-                    data = scratch.read(offset, min(part_size, size - offset))
+                    data = await read(offset, min(part_size, size - offset))
                     etags[part_index] = await store.upload_part(object_key, upload_id, part_index + 1, data)
 
         try:
@@ -82,3 +96,131 @@ async def upload_scratch(
             except Exception as abort_error:  # noqa: BLE001 - the original error matters more
                 log.warning("could not abort multipart upload of %r: %s", object_key, abort_error)
         raise
+
+
+@dataclass
+class WriteBackStatus:
+    dirty_files: int
+    dirty_bytes: int
+    uploads_in_flight: int
+    last_error: str | None
+
+
+class WriteBack:
+    """Schedules and runs uploads of dirty cache entries."""
+
+    def __init__(
+        self, cache: BlockCache, store: ObjectStore, settings: S3Settings, *,
+        delay: float, cached_file: Callable[[Entry], CachedFile],
+        on_uploaded: Callable[[Entry], None] = lambda entry: None,
+    ) -> None:
+        self.cache = cache
+        self.store = store
+        self.settings = settings
+        self.delay = delay
+        self._cached_file = cached_file
+        self._on_uploaded = on_uploaded
+        self._due: dict[int, float] = {}
+        self._failures: dict[int, int] = {}
+        self._in_flight: set[int] = set()
+        self._wakeup = trio.Event()
+        self._slots = trio.Semaphore(MAX_FILES_IN_FLIGHT)
+        self.last_error: str | None = None
+        self.uploaded_files = 0
+        self.uploaded_bytes = 0
+
+    # ------------------------------------------------------------------ scheduling
+
+    def schedule(self, entry: Entry, delay: float | None = None) -> None:
+        """Upload ``entry`` after ``delay`` (default: the write-back delay) unless it changes again."""
+        self._due[entry.id] = trio.current_time() + (self.delay if delay is None else delay)
+        self._wakeup.set()
+
+    def forget(self, entry: Entry) -> None:
+        self._due.pop(entry.id, None)
+        self._failures.pop(entry.id, None)
+
+    async def make_room(self) -> None:
+        """The cache is full of dirty data: upload everything dirty now."""
+        for entry in self.cache.dirty_entries():
+            if entry.id not in self._in_flight:
+                self._due[entry.id] = trio.current_time()
+        self._wakeup.set()
+        await trio.lowlevel.checkpoint()
+
+    def status(self) -> WriteBackStatus:
+        dirty = self.cache.dirty_entries()
+        return WriteBackStatus(len(dirty), self.cache.dirty_bytes, len(self._in_flight), self.last_error)
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The background task: start uploads as they fall due."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                now = trio.current_time()
+                for entry_id, due in sorted(self._due.items(), key=lambda item: item[1]):
+                    if due <= now and entry_id not in self._in_flight:
+                        del self._due[entry_id]
+                        self._in_flight.add(entry_id)
+                        nursery.start_soon(self._background_upload, entry_id)
+                next_due = min(self._due.values(), default=now + 3600)
+                self._wakeup = trio.Event()
+                with trio.move_on_at(max(next_due, now + 0.01)):
+                    await self._wakeup.wait()
+
+    async def _background_upload(self, entry_id: int) -> None:
+        try:
+            entry = next((e for e in self.cache.entries() if e.id == entry_id), None)
+            if entry is None or not entry.dirty:
+                return
+            forced = self.cache.used_bytes > self.cache.max_size * 0.9
+            if entry.open_writers and not forced:
+                return  # the last close will schedule it again
+            async with self._slots:
+                await self.upload(entry)
+            self._failures.pop(entry_id, None)
+        except SsefsError as error:
+            failures = self._failures.get(entry_id, 0) + 1
+            self._failures[entry_id] = failures
+            retry_in = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (failures - 1))
+            self.last_error = f"{error}"
+            level = logging.WARNING if failures <= 3 or failures % 10 == 0 else logging.DEBUG
+            log.log(level, "upload failed (attempt %d, retrying in %.0f s): %s", failures, retry_in, error)
+            if entry_id not in self._due:
+                self._due[entry_id] = trio.current_time() + retry_in
+        finally:
+            self._in_flight.discard(entry_id)
+            self._wakeup.set()
+
+    async def upload(self, entry: Entry) -> None:
+        """Upload the entry's current generation now; returns when it is durable in S3."""
+        async with entry.lock:
+            if not entry.dirty or not self.cache.is_live(entry):
+                return
+            cached_file = self._cached_file(entry)
+            await cached_file.seal_hot()
+            await self.cache.sync(entry)
+            generation, size = entry.generation, entry.size
+
+            async def read(offset: int, length: int) -> bytes:
+                return await cached_file.read(offset, length, keep=False)
+
+            etag = await upload_object(self.store, self.settings, entry.object_key, size, read)
+            self.uploaded_files += 1
+            self.uploaded_bytes += size
+            if self.cache.is_live(entry):
+                self.cache.mark_uploaded(entry, generation, etag=etag, size=size)
+                self._on_uploaded(entry)
+            self._due.pop(entry.id, None)
+            log.debug("uploaded %r (%d bytes, generation %d)", entry.object_key, size, generation)
+
+    async def flush_all(self) -> list[Entry]:
+        """Try once to upload everything dirty (at unmount); returns what is still dirty."""
+        for entry in self.cache.dirty_entries():
+            try:
+                await self.upload(entry)
+            except SsefsError as error:
+                log.error("could not upload %r: %s", entry.object_key, error)
+        return self.cache.dirty_entries()

@@ -1,18 +1,19 @@
 """The filesystem's decisions, without FUSE in the loop.
 
-``Filesystem`` maps file operations onto the object store: which paths exist
-(listings and targeted probes, cached in the inode table), what a read fetches
-(a ranged GET, or the staged copy while the file is being written), how writes
-are staged (an encrypted scratch file, filled from the object first unless the
-file was truncated) and when they are uploaded (on flush, i.e. every ``close()``,
-and on fsync, before the call returns). It raises ``SsefsError`` subclasses
-carrying an errno; ``fs.py`` translates them for the kernel.
+``Filesystem`` maps file operations onto the object store through the local
+block cache: which paths exist (S3 listings and targeted probes, cached in the
+inode table, plus files whose newest data is still only in the cache), what a
+read returns (cached blocks, else ranged GETs that fill the cache, read ahead
+while access is sequential), and where writes go (into the cache; ``close()``
+makes them durable on local disk and returns; the write-back queue uploads them
+a few seconds later; ``fsync`` uploads at once). It raises ``SsefsError``
+subclasses carrying an errno; ``fs.py`` translates them for the kernel.
 
-Concurrency: everything runs on the trio loop. Each open file has a lock held
-across filling the staged copy and uploading it, the only places that await
-while file state is half-changed; a write waits for an upload in progress. The
-file's generation counts changes, so a file is dirty exactly while its
-generation differs from the one last uploaded.
+Concurrency: everything runs on the trio loop. A cache entry's lock is held by
+each write and truncate and by an upload, so a write waits for an upload of
+the same file in progress. A file is dirty while its entry's generation
+differs from the one last uploaded; a dirty entry's size and time win over
+what S3 says.
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ from dataclasses import dataclass, field
 from itertools import count
 
 import pyfuse3
-import trio
 
-from .cache import EncryptedScratchFile, ScratchArea
+from .cache import BLOCK_SIZE, BlockCache, Entry
+from .cachedfile import CachedFile
 from .config import MAX_PART_SIZE, Config
-from .errors import NoSuchObject, SsefsError
+from .errors import NoSuchObject, ServerUnavailable, SsefsError
 from .inodes import ROOT_INODE, DirectoryEntry, InodeTable, Node, child_path
 from .readahead import SequentialReader
 from .store import ObjectStore
-from .uploader import upload_scratch
+from .uploader import WriteBack
 
 log = logging.getLogger(__name__)
 
@@ -54,39 +55,65 @@ class OpenFile:
     """State shared by all handles open on one file."""
 
     node: Node
-    scratch: EncryptedScratchFile | None = None
     handles: int = 0
-    # Bumped by every change; the file is dirty while it differs from the uploaded one.
-    generation: int = 0
-    uploaded_generation: int = 0
     unlinked: bool = False
-    lock: trio.Lock = field(default_factory=trio.Lock)
-
-    @property
-    def dirty(self) -> bool:
-        return self.generation != self.uploaded_generation
 
 
 @dataclass
 class Handle:
     open_file: OpenFile
-    writable: bool
+    # Set for handles opened for writing: the cache entry their writes go to.
+    entry: Entry | None = None
     reader: SequentialReader = field(default_factory=SequentialReader)
 
 
 class Filesystem:
     """Paths and file handles on top of one bucket prefix."""
 
-    def __init__(self, config: Config, store: ObjectStore) -> None:
+    def __init__(self, config: Config, store: ObjectStore, cache: BlockCache) -> None:
         self.config = config
         self.store = store
+        self.cache = cache
         self.prefix = config.key_prefix
         self.inodes = InodeTable(ttl=config.mount.attr_timeout)
-        self.scratch_area = ScratchArea(config.cache.dir / "scratch")
+        self.writeback = WriteBack(
+            cache, store, config.s3, delay=config.cache.writeback_delay, cached_file=self.cached_file,
+            on_uploaded=self._uploaded,
+        )
+        self._cached_files: dict[int, CachedFile] = {}
         self._open_files: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = count(1)
         self.started_at = time.time()
+
+    def recover(self) -> None:
+        """Queue what an earlier run left dirty in the cache (after a crash or a failed flush)."""
+        dirty = self.cache.dirty_entries()
+        if dirty:
+            log.warning(
+                "recovered %d file(s) not yet uploaded from the cache (%d bytes): %s",
+                len(dirty), sum(entry.size for entry in dirty),
+                ", ".join(repr(entry.object_key) for entry in dirty[:10]) + (" ..." if len(dirty) > 10 else ""),
+            )
+        for entry in dirty:
+            self.writeback.schedule(entry, delay=0)
+
+    def cached_file(self, entry: Entry) -> CachedFile:
+        cached = self._cached_files.get(entry.id)
+        if cached is None or cached.entry is not entry:
+            cached = self._cached_files[entry.id] = CachedFile(self.cache, entry, self.store.get_range)
+        return cached
+
+    def _uploaded(self, entry: Entry) -> None:
+        """The write-back queue stored ``entry`` in S3: S3's view of it is current again."""
+        path = entry.object_key[len(self.prefix):]
+        node = self.inodes.by_path(path)
+        if node is not None and not entry.dirty:
+            node.has_local_data = False
+            node.etag = entry.base_etag
+            node.size = entry.size
+            node.checked_at = time.monotonic()
+        self.inodes.invalidate_listing(path.rsplit("/", 1)[0] if "/" in path else "")
 
     # ------------------------------------------------------------------ helpers
 
@@ -135,6 +162,28 @@ class Filesystem:
 
     # ------------------------------------------------------------------ lookups
 
+    def _local_node(self, path: str) -> Node | None:
+        """The node for ``path`` if the cache holds newer data for it than S3 does."""
+        entry = self.cache.entry(self.object_key(path))
+        if entry is None or not entry.dirty:
+            return None
+        node = self.inodes.node_for(path, is_dir=False)
+        node.size, node.mtime, node.has_local_data = entry.size, entry.mtime, True
+        return node
+
+    def _apply(self, node: Node, listed: DirectoryEntry) -> None:
+        """Take S3's word for a file, and drop cached blocks of an object that changed elsewhere."""
+        if node.is_dir:
+            self.inodes.update_from_entry(node, listed)
+            return
+        entry = self.cache.entry(self.object_key(node.path))
+        if entry is not None and entry.dirty:
+            return
+        if entry is not None and listed.etag != entry.base_etag and not entry.lock.locked():
+            self.writeback.forget(entry)
+            self.cache.drop_entry(entry)
+        self.inodes.update_from_entry(node, listed)
+
     async def lookup(self, parent_inode: int, name_bytes: bytes) -> Node:
         parent = self._directory(parent_inode)
         try:
@@ -144,38 +193,54 @@ class Filesystem:
                 raise FsError(errno.ENOENT) from None
             raise
         path = child_path(parent.path, name)
-        known = self.inodes.by_path(path)
-        if known is not None and known.has_local_data:
-            return known
+        local = self._local_node(path)
+        if local is not None:
+            return local
         listing = self.inodes.cached_listing(parent.path)
         if listing is not None:
-            entry = listing.entries.get(name)
-            if entry is None:
+            listed = listing.entries.get(name)
+            if listed is None:
                 raise FsError(errno.ENOENT)
-            node = self.inodes.node_for(path, is_dir=entry.is_dir)
-            self.inodes.update_from_entry(node, entry)
+            node = self.inodes.node_for(path, is_dir=listed.is_dir)
+            self._apply(node, listed)
             return node
-        found, is_dir = await self.store.probe(self.object_key(path))
+        try:
+            found, is_dir = await self.store.probe(self.object_key(path))
+        except ServerUnavailable:
+            # During an outage, the last listing seen answers, so work can go on in the cache.
+            last = self.inodes.last_listing(parent.path)
+            if last is None:
+                raise
+            listed = last.entries.get(name)
+            if listed is None:
+                raise FsError(errno.ENOENT) from None
+            node = self.inodes.node_for(path, is_dir=listed.is_dir)
+            return node
         if is_dir:
             return self.inodes.node_for(path, is_dir=True)
         if found is None:
             raise FsError(errno.ENOENT)
         node = self.inodes.node_for(path, is_dir=False)
-        self.inodes.update_from_entry(node, DirectoryEntry(name, False, found.size, found.mtime, found.etag))
+        self._apply(node, DirectoryEntry(name, False, found.size, found.mtime, found.etag))
         return node
 
     async def getattr(self, inode: int) -> Node:
         node = self._node(inode)
-        if node.is_dir or node.has_local_data or self.inodes.is_fresh(node):
+        if node.is_dir:
+            return node
+        if self._local_node(node.path) is not None or self.inodes.is_fresh(node):
             return node
         listing = self.inodes.cached_listing(node.parent_path)
-        entry = listing.entries.get(node.name) if listing is not None else None
-        if entry is None:
-            found = await self.store.first_object_with_prefix(self.object_key(node.path))
+        listed = listing.entries.get(node.name) if listing is not None else None
+        if listed is None:
+            try:
+                found = await self.store.first_object_with_prefix(self.object_key(node.path))
+            except ServerUnavailable:
+                return node  # during an outage, known files keep their last known attributes
             if found is None or found.key != self.object_key(node.path):
                 raise FsError(errno.ENOENT)
-            entry = DirectoryEntry(node.name, False, found.size, found.mtime, found.etag)
-        self.inodes.update_from_entry(node, entry)
+            listed = DirectoryEntry(node.name, False, found.size, found.mtime, found.etag)
+        self._apply(node, listed)
         return node
 
     async def list_directory(self, inode: int) -> list[tuple[str, Node]]:
@@ -188,15 +253,18 @@ class Filesystem:
         else:
             entries = listing.entries
         children: dict[str, Node] = {}
-        for name, entry in entries.items():
-            node = self.inodes.node_for(child_path(directory.path, name), is_dir=entry.is_dir)
-            self.inodes.update_from_entry(node, entry)
+        for name, listed in entries.items():
+            node = self.inodes.node_for(child_path(directory.path, name), is_dir=listed.is_dir)
+            self._apply(node, listed)
             children[name] = node
-        # Files created here but not uploaded yet exist only in this mount.
-        for open_file in self._open_files.values():
-            node = open_file.node
-            if node.has_local_data and not open_file.unlinked and node.parent_path == directory.path:
-                children.setdefault(node.name, node)
+        # Files whose newest data is only in the cache (not uploaded yet) show as the cache has them.
+        prefix = self.directory_prefix(directory.path)
+        for entry in self.cache.dirty_entries():
+            name = entry.object_key[len(prefix):]
+            if entry.object_key.startswith(prefix) and _showable(name):
+                local = self._local_node(child_path(directory.path, name))
+                if local is not None:
+                    children[name] = local
         return sorted(children.items())
 
     async def _fetch_listing(self, path: str) -> dict[str, DirectoryEntry]:
@@ -221,14 +289,29 @@ class Filesystem:
             raise FsError(errno.EBADF)
         return handle
 
-    def _attach(self, node: Node, writable: bool) -> int:
+    def _entry_for(self, node: Node) -> Entry:
+        """The cache entry of a file, created from what S3 last told us if there is none."""
+        object_key = self.object_key(node.path)
+        entry = self.cache.entry(object_key)
+        if entry is None:
+            entry = self.cache.create_entry(
+                object_key, base_etag=node.etag, base_size=node.size, mtime=node.mtime,
+                exists_in_s3=bool(node.etag),
+            )
+        return entry
+
+    def _attach(self, node: Node, *, writable: bool) -> int:
         open_file = self._open_files.get(node.inode)
         if open_file is None:
             open_file = self._open_files[node.inode] = OpenFile(node)
         open_file.handles += 1
         node.open_count += 1
+        entry = None
+        if writable:
+            entry = self._entry_for(node)
+            entry.open_writers += 1
         fh = next(self._next_fh)
-        self._handles[fh] = Handle(open_file, writable)
+        self._handles[fh] = Handle(open_file, entry)
         return fh
 
     async def open(self, inode: int, flags: int) -> int:
@@ -238,9 +321,11 @@ class Filesystem:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable:
             self._check_writable_mount()
-        fh = self._attach(node, writable)
+        fh = self._attach(node, writable=writable)
         if writable and flags & os.O_TRUNC:
-            await self._truncate_open_file(self._handles[fh].open_file, 0)
+            entry = self._handles[fh].entry
+            assert entry is not None
+            await self._truncate_entry(node, entry, 0)
         return fh
 
     async def create(self, parent_inode: int, name_bytes: bytes) -> tuple[int, Node]:
@@ -251,83 +336,62 @@ class Filesystem:
         existing = self.inodes.by_path(path)
         if existing is not None and existing.is_dir:
             raise FsError(errno.EISDIR)
+        object_key = self.object_key(path)
         node = self.inodes.node_for(path, is_dir=False)
+        node.size, node.etag, node.mtime = 0, "", time.time()
+        # A new file replaces whatever the cache held for this name; S3's copy (if any)
+        # is overwritten by the upload.
+        entry = self.cache.create_entry(object_key, base_etag="", base_size=0, mtime=node.mtime, exists_in_s3=False)
+        self.cache.record_change(entry, size=0)
         fh = self._attach(node, writable=True)
-        await self._truncate_open_file(self._handles[fh].open_file, 0)
+        node.has_local_data = True
         self.inodes.invalidate_listing(parent.path)
         return fh, node
 
-    async def _ensure_scratch(self, open_file: OpenFile, *, load: bool = True) -> EncryptedScratchFile:
-        """The file's staged copy, filled from S3 the first time unless ``load`` is false."""
-        async with open_file.lock:
-            if open_file.scratch is None:
-                scratch = self.scratch_area.new_file()
-                if load and not open_file.node.has_local_data:
-                    try:
-                        await self.store.download(self.object_key(open_file.node.path), scratch.write)
-                    except NoSuchObject:
-                        pass  # deleted behind our back: the file starts empty
-                    except BaseException:
-                        scratch.close()
-                        raise
-                open_file.scratch = scratch
-            return open_file.scratch
-
-    def _changed(self, open_file: OpenFile, scratch: EncryptedScratchFile) -> None:
-        open_file.generation += 1
-        node = open_file.node
-        node.size = scratch.size
-        node.mtime = time.time()
-        node.has_local_data = True
-
-    async def _truncate_open_file(self, open_file: OpenFile, size: int) -> None:
-        scratch = await self._ensure_scratch(open_file, load=size > 0)
-        scratch.truncate(size)
-        self._changed(open_file, scratch)
+    async def _truncate_entry(self, node: Node, entry: Entry, size: int) -> None:
+        await self.cache.ensure_space(2 * BLOCK_SIZE, self.writeback.make_room)
+        async with entry.lock:
+            await self.cached_file(entry).truncate(size)
+        node.size, node.mtime, node.has_local_data = entry.size, entry.mtime, True
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._handle(fh)
-        open_file = handle.open_file
-        if open_file.scratch is not None:
-            return open_file.scratch.read(offset, size)
-        object_key = self.object_key(open_file.node.path)
-
-        async def fetch(start: int, length: int) -> bytes:
-            return await self.store.get_range(object_key, start, length)
-
-        return await handle.reader.read(offset, size, open_file.generation, fetch)
+        node = handle.open_file.node
+        entry = handle.entry or self.cache.entry(self.object_key(node.path))
+        if entry is None:
+            if node.size == 0 and not node.etag:
+                return b""
+            entry = self._entry_for(node)
+        blocks_ahead = handle.reader.blocks_ahead(offset, size)
+        return await self.cached_file(entry).read(offset, size, readahead_blocks=blocks_ahead)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._handle(fh)
-        if not handle.writable:
+        entry = handle.entry
+        if entry is None:
             raise FsError(errno.EBADF)
-        scratch = await self._ensure_scratch(handle.open_file)
-        written = scratch.write(offset, data)
-        self._changed(handle.open_file, scratch)
+        # Wait for room (backpressure) before taking the lock an upload needs.
+        await self.cache.ensure_space(len(data) + 2 * BLOCK_SIZE, self.writeback.make_room)
+        async with entry.lock:
+            written = await self.cached_file(entry).write(offset, data)
+        node = handle.open_file.node
+        node.size, node.mtime, node.has_local_data = entry.size, entry.mtime, True
         return written
 
-    async def _upload(self, open_file: OpenFile) -> None:
-        """Upload the staged copy if it has changes, and record the result."""
-        async with open_file.lock:
-            if not open_file.dirty or open_file.unlinked or open_file.scratch is None:
-                return
-            generation = open_file.generation
-            node = open_file.node
-            etag = await upload_scratch(
-                self.store, self.config.s3, self.object_key(node.path), open_file.scratch
-            )
-            open_file.uploaded_generation = generation
-            node.etag = etag
-            if not open_file.dirty:
-                node.has_local_data = False
-                node.checked_at = time.monotonic()
-            self.inodes.invalidate_listing(node.parent_path)
-
     async def flush(self, fh: int) -> None:
-        await self._upload(self._handle(fh).open_file)
+        """close(): make this file's changes durable in the cache (not yet in S3)."""
+        entry = self._handle(fh).entry
+        if entry is not None and entry.dirty and self.cache.is_live(entry):
+            async with entry.lock:
+                await self.cached_file(entry).seal_hot()
+                await self.cache.sync(entry)
 
     async def fsync(self, fh: int) -> None:
-        await self._upload(self._handle(fh).open_file)
+        """fsync(): return only when the file's current data is durable in S3."""
+        handle = self._handle(fh)
+        entry = handle.entry or self.cache.entry(self.object_key(handle.open_file.node.path))
+        if entry is not None and entry.dirty and self.cache.is_live(entry):
+            await self.writeback.upload(entry)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
@@ -337,18 +401,17 @@ class Filesystem:
         open_file.handles -= 1
         node = open_file.node
         node.open_count -= 1
-        if open_file.handles > 0:
-            return
-        try:
-            if open_file.dirty and not open_file.unlinked:
-                await self._upload(open_file)
-        finally:
-            if open_file.dirty and not open_file.unlinked:
-                log.error("changes to %r could not be uploaded and are lost", self.object_key(node.path))
+        entry = handle.entry
+        if entry is not None:
+            entry.open_writers -= 1
+            if entry.open_writers == 0 and self.cache.is_live(entry):
+                if entry.dirty:
+                    async with entry.lock:
+                        await self.cached_file(entry).seal_hot()
+                        await self.cache.sync(entry)
+                    self.writeback.schedule(entry)
+        if open_file.handles == 0:
             del self._open_files[node.inode]
-            if open_file.scratch is not None:
-                open_file.scratch.close()
-            node.has_local_data = False
             self.inodes.drop_if_unused(node)
 
     # ------------------------------------------------------------------ changes
@@ -360,15 +423,13 @@ class Filesystem:
             raise FsError(errno.EISDIR)
         if size > MAX_PART_SIZE * 10_000:
             raise FsError(errno.EFBIG)
-        open_file = self._open_files.get(inode)
-        if open_file is not None:
-            await self._truncate_open_file(open_file, size)
-            return
-        temporary = self._attach(node, writable=True)
-        try:
-            await self._truncate_open_file(self._handles[temporary].open_file, size)
-        finally:
-            await self.release(temporary)
+        entry = self._entry_for(node)
+        await self._truncate_entry(node, entry, size)
+        if entry.open_writers == 0:
+            async with entry.lock:
+                await self.cached_file(entry).seal_hot()
+                await self.cache.sync(entry)
+            self.writeback.schedule(entry)
 
     async def mkdir(self, parent_inode: int, name_bytes: bytes) -> Node:
         self._check_writable_mount()
@@ -388,15 +449,23 @@ class Filesystem:
             raise FsError(errno.ENOTDIR)
         prefix = self.directory_prefix(node.path)
         remaining = [key for key in await self.store.keys_with_prefix(prefix, 2) if key != prefix]
-        local_children = any(
-            f.node.parent_path == node.path and f.node.has_local_data and not f.unlinked
-            for f in self._open_files.values()
-        )
+        local_children = any(entry.object_key.startswith(prefix) for entry in self.cache.dirty_entries())
         if remaining or local_children:
             raise FsError(errno.ENOTEMPTY)
         await self.store.delete(prefix)
         self.inodes.invalidate_listing(node.path)
         self.inodes.remove_path(node.path)
+
+    async def _discard_entry(self, object_key: str) -> None:
+        """Forget what the cache holds for ``object_key``, after any upload of it in progress."""
+        entry = self.cache.entry(object_key)
+        if entry is None:
+            return
+        async with entry.lock:
+            self.writeback.forget(entry)
+            if self.cache.is_live(entry):
+                self.cache.drop_entry(entry)
+        self._cached_files.pop(entry.id, None)
 
     async def unlink(self, parent_inode: int, name_bytes: bytes) -> None:
         self._check_writable_mount()
@@ -406,6 +475,7 @@ class Filesystem:
         open_file = self._open_files.get(node.inode)
         if open_file is not None:
             open_file.unlinked = True
+        await self._discard_entry(self.object_key(node.path))
         await self.store.delete(self.object_key(node.path))
         self.inodes.remove_path(node.path)
 
@@ -435,15 +505,22 @@ class Filesystem:
                 raise FsError(errno.EEXIST)
             if target.is_dir:
                 raise FsError(errno.EISDIR)
-        old_key = self.object_key(node.path)
-        open_file = self._open_files.get(node.inode)
-        if open_file is not None and open_file.dirty:
+        old_key, new_key = self.object_key(node.path), self.object_key(target_path)
+        entry = self.cache.entry(old_key)
+        if entry is not None and entry.dirty:
+            # Upload under the new name (unchanged ranges still come from the old
+            # object), then delete the old one: at no point is the data only in flight.
+            await self._discard_entry(new_key)
+            async with entry.lock:
+                self.cache.rename_entry(entry, new_key)
             self.inodes.move(node, target_path)
-            await self._upload(open_file)
+            await self.writeback.upload(entry)
         else:
             if node.size > MAX_PART_SIZE:
                 raise FsError(errno.EXDEV)  # CopyObject stops at 5 GiB; mv falls back to copying
-            await self.store.copy(old_key, self.object_key(target_path))
+            await self.store.copy(old_key, new_key)
+            await self._discard_entry(old_key)
+            await self._discard_entry(new_key)
             self.inodes.move(node, target_path)
         try:
             await self.store.delete(old_key)
@@ -461,13 +538,18 @@ class Filesystem:
         return stats
 
     async def shutdown(self) -> None:
-        """Upload whatever open files still hold (called after the kernel let go)."""
-        for open_file in list(self._open_files.values()):
-            if open_file.dirty and not open_file.unlinked:
-                try:
-                    await self._upload(open_file)
-                except SsefsError as error:
-                    log.error("could not upload %r at shutdown: %s", open_file.node.path, error)
+        """Upload everything still dirty (after the kernel let go); report what could not be."""
+        left = await self.writeback.flush_all()
+        log.info(
+            "this mount uploaded %d file(s), %d bytes; %d file(s) left dirty",
+            self.writeback.uploaded_files, self.writeback.uploaded_bytes, len(left),
+        )
+        if left:
+            log.error(
+                "%d file(s) (%d bytes) could not be uploaded; they stay in the cache %s and are "
+                "uploaded at the next mount with this config",
+                len(left), sum(entry.size for entry in left), self.cache.directory,
+            )
 
 
 def _showable(name: str) -> bool:

@@ -93,6 +93,7 @@ def write_config(
     name: str = "mount",
     s3_extra: str = "",
     mount_extra: str = "",
+    cache_extra: str = "",
     endpoint_url: str | None = None,
 ) -> Path:
     path = directory / f"{name}.toml"
@@ -114,6 +115,7 @@ file = "{key_file}"
 
 [cache]
 dir = "{directory / (name + '-cache')}"
+{cache_extra}
 
 [mount]
 attr_timeout = 1

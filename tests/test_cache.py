@@ -1,7 +1,8 @@
-"""Tests for ssefs.cache: the encrypted scratch area used to stage file data."""
+"""Tests for ssefs.cache (BlockCache) and ssefs.cachedfile (CachedFile) against an in-memory fake S3."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import stat
@@ -9,483 +10,864 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
-from ssefs.cache import (
-    BLOCK_SIZE,
-    NONCE_BYTES,
-    SLOT_SIZE,
-    CorruptBlock,
-    EncryptedScratchFile,
-    ScratchArea,
-)
+from ssefs.cache import BLOCK_MAGIC, BLOCK_SIZE, NONCE_BYTES, BlockCache, CacheMismatch, CorruptBlock, Entry
+from ssefs.cachedfile import CachedFile
 from ssefs.errors import SsefsError
+from ssefs.keys import SseKey
 
 MiB = 1024 * 1024
+KEY = SseKey(bytes(range(32)))
+OTHER_KEY = SseKey(bytes(range(1, 33)))
+IDENTITY = "https://s3.test/bucket/"
+OBJECT = "dir/object.bin"
+# A sealed block: magic, nonce, ciphertext, GCM tag.
+SEALED_BLOCK = len(BLOCK_MAGIC) + NONCE_BYTES + BLOCK_SIZE + 16
+
+
+class FakeS3:
+    """Objects in a dict; records every ranged GET."""
+
+    def __init__(self, objects: dict[str, bytes] | None = None) -> None:
+        self.objects: dict[str, bytes] = dict(objects or {})
+        self.calls: list[tuple[str, int, int]] = []
+        # When set, GETs wait for it (to hold one in flight).
+        self.gate: trio.Event | None = None
+        self.started = trio.Event()
+
+    async def fetch_range(self, key: str, offset: int, length: int) -> bytes:
+        self.calls.append((key, offset, length))
+        self.started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        await trio.lowlevel.checkpoint()
+        return self.objects[key][offset:offset + length]
+
+
+class RoomRecorder:
+    """A ``make_room`` that counts calls and optionally marks every dirty entry uploaded."""
+
+    def __init__(self, cache: BlockCache, fake: FakeS3 | None = None,
+                 files: dict[int, CachedFile] | None = None) -> None:
+        self.cache = cache
+        self.fake = fake
+        self.files = files
+        self.calls = 0
+
+    async def __call__(self) -> None:
+        self.calls += 1
+        if self.fake is None or self.files is None:
+            await trio.lowlevel.checkpoint()
+            return
+        for entry in self.cache.dirty_entries():
+            cached = self.files[entry.id]
+            await cached.seal_hot()
+            await self.cache.sync(entry)
+            self.fake.objects[entry.object_key] = await cached.read(0, entry.size, keep=False)
+            self.cache.mark_uploaded(entry, entry.generation, etag=f"up{entry.generation}", size=entry.size)
+
+
+async def no_room() -> None:
+    await trio.lowlevel.checkpoint()
+
+
+def make_cache(directory: Path, key: SseKey = KEY, identity: str = IDENTITY, max_size: int = 1 << 40) -> BlockCache:
+    return BlockCache(directory, key, identity=identity, max_size=max_size)
 
 
 @pytest.fixture
-def area(tmp_path: Path) -> ScratchArea:
-    return ScratchArea(tmp_path / "scratch")
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
 
 
 @pytest.fixture
-def scratch(area: ScratchArea) -> Iterator[EncryptedScratchFile]:
-    file = area.new_file()
-    yield file
-    file.close()
+def cache(cache_dir: Path) -> Iterator[BlockCache]:
+    block_cache = make_cache(cache_dir)
+    yield block_cache
+    block_cache.close()
 
 
-def disk_bytes(file: EncryptedScratchFile) -> bytes:
-    """Everything in the underlying (unlinked) temporary file."""
-    fd = file._file.fileno()
-    size = os.fstat(fd).st_size
-    chunks: list[bytes] = []
-    offset = 0
-    while offset < size:
-        chunk = os.pread(fd, min(4 * MiB, size - offset), offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
+def based_entry(cache: BlockCache, key: str, data: bytes) -> Entry:
+    return cache.create_entry(key, base_etag="e1", base_size=len(data), mtime=0.0, exists_in_s3=True)
 
 
-def flip_byte(file: EncryptedScratchFile, position: int) -> None:
-    fd = file._file.fileno()
-    original = os.pread(fd, 1, position)
-    assert len(original) == 1
-    os.pwrite(fd, bytes([original[0] ^ 0x01]), position)
+def new_entry(cache: BlockCache, key: str) -> Entry:
+    """A new file, as ``vfs.create`` makes it: dirty from the start."""
+    entry = cache.create_entry(key, base_etag="", base_size=0, mtime=0.0, exists_in_s3=False)
+    cache.record_change(entry, size=0)
+    return entry
 
 
-# ------------------------------------------------------------------ the scratch area
+def block_file(cache: BlockCache, entry: Entry, index: int) -> Path:
+    return cache.directory / "blocks" / str(entry.id) / str(index)
 
 
-def test_scratch_directory_created_mode_0700(tmp_path: Path) -> None:
-    old = os.umask(0o022)
-    try:
-        directory = tmp_path / "a" / "b" / "scratch"
-        ScratchArea(directory)
-    finally:
-        os.umask(old)
-    assert directory.is_dir()
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+def flip_byte(path: Path, position: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x40
+    path.write_bytes(bytes(data))
 
 
-def test_existing_scratch_directory_tightened_to_0700(tmp_path: Path) -> None:
-    directory = tmp_path / "scratch"
-    directory.mkdir()
-    os.chmod(directory, 0o755)
-    ScratchArea(directory)
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+def all_files(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.rglob("*") if path.is_file())
 
 
-def test_scratch_file_is_unlinked_and_private(area: ScratchArea) -> None:
-    file = area.new_file()
-    try:
-        file.write(0, b"hello")
-        # An unlinked temporary file: nothing named in the directory.
-        assert os.listdir(area.directory) == []
-        info = os.fstat(file._file.fileno())
-        assert stat.S_IMODE(info.st_mode) == 0o600
-        assert info.st_nlink == 0
-    finally:
-        file.close()
+# ------------------------------------------------------------------ byte-level behaviour against a model
 
 
-def test_files_are_independent(area: ScratchArea) -> None:
-    first, second = area.new_file(), area.new_file()
-    try:
-        first.write(0, b"a" * 100)
-        second.write(50, b"b" * 10)
-        assert first.read(0, 200) == b"a" * 100
-        assert second.read(0, 200) == bytes(50) + b"b" * 10
-    finally:
-        first.close()
-        second.close()
+async def test_random_operations_match_model(cache: BlockCache) -> None:
+    rng = random.Random(20240601)
+    base = rng.randbytes(5 * MiB + 12345)
+    fake = FakeS3({OBJECT: base})
+    entry = based_entry(cache, OBJECT, base)
+    cached = CachedFile(cache, entry, fake.fetch_range)
+    model = bytearray(base)
 
-
-# ------------------------------------------------------------------ basic semantics
-
-
-def test_new_file_is_empty(scratch: EncryptedScratchFile) -> None:
-    assert scratch.size == 0
-    assert scratch.read(0, 100) == b""
-
-
-def test_write_returns_length_and_sets_size(scratch: EncryptedScratchFile) -> None:
-    assert scratch.write(0, b"hello world") == 11
-    assert scratch.size == 11
-    assert scratch.read(0, 11) == b"hello world"
-    assert scratch.read(6, 5) == b"world"
-
-
-def test_reads_past_end_are_short(scratch: EncryptedScratchFile) -> None:
-    scratch.write(0, b"0123456789")
-    assert scratch.read(5, 100) == b"56789"
-    assert scratch.read(10, 5) == b""
-    assert scratch.read(1000, 5) == b""
-    assert scratch.read(3 * BLOCK_SIZE, 5) == b""
-    assert scratch.read(0, 0) == b""
-
-
-def test_empty_write_does_not_change_size(scratch: EncryptedScratchFile) -> None:
-    scratch.write(0, b"abc")
-    assert scratch.write(1000, b"") == 0
-    assert scratch.size == 3
-    assert scratch.read(0, 2000) == b"abc"
-
-
-def test_sparse_gap_reads_as_zeros(scratch: EncryptedScratchFile) -> None:
-    far = 5 * BLOCK_SIZE + 123
-    scratch.write(far, b"tail")
-    assert scratch.size == far + 4
-    assert scratch.read(0, 10) == bytes(10)
-    assert scratch.read(2 * BLOCK_SIZE - 5, 10) == bytes(10)
-    assert scratch.read(far - 3, 7) == bytes(3) + b"tail"
-    # Untouched blocks take no space on disk (nothing sealed for them).
-    assert len(disk_bytes(scratch)) <= (5 + 1) * SLOT_SIZE
-
-
-def test_write_spanning_block_boundary(scratch: EncryptedScratchFile) -> None:
-    data = os.urandom(300)
-    offset = BLOCK_SIZE - 100
-    scratch.write(offset, data)
-    assert scratch.read(offset, 300) == data
-    assert scratch.read(BLOCK_SIZE, 200) == data[100:]
-    assert scratch.read(BLOCK_SIZE - 100, 100) == data[:100]
-    assert scratch.read(0, BLOCK_SIZE - 100) == bytes(BLOCK_SIZE - 100)
-
-
-def test_write_spanning_several_blocks(scratch: EncryptedScratchFile) -> None:
-    data = random.Random(7).randbytes(3 * BLOCK_SIZE + 17)
-    offset = BLOCK_SIZE // 2
-    scratch.write(offset, data)
-    assert scratch.size == offset + len(data)
-    assert scratch.read(offset, len(data)) == data
-    # Read back across each boundary separately.
-    for boundary in (BLOCK_SIZE, 2 * BLOCK_SIZE, 3 * BLOCK_SIZE):
-        assert scratch.read(boundary - 8, 16) == data[boundary - 8 - offset:boundary + 8 - offset]
-
-
-def test_write_exactly_one_block_at_boundary(scratch: EncryptedScratchFile) -> None:
-    data = random.Random(8).randbytes(BLOCK_SIZE)
-    scratch.write(BLOCK_SIZE, data)
-    assert scratch.size == 2 * BLOCK_SIZE
-    assert scratch.read(BLOCK_SIZE, BLOCK_SIZE) == data
-    assert scratch.read(0, BLOCK_SIZE) == bytes(BLOCK_SIZE)
-
-
-def test_overwrite_in_sealed_block(scratch: EncryptedScratchFile) -> None:
-    scratch.write(0, b"a" * 1000)
-    scratch.write(BLOCK_SIZE, b"b")  # seals block 0
-    scratch.write(10, b"XYZ")  # reopens block 0
-    assert scratch.read(0, 20) == b"a" * 10 + b"XYZ" + b"a" * 7
-    assert scratch.size == BLOCK_SIZE + 1
-
-
-# ------------------------------------------------------------------ truncation
-
-
-def test_truncate_shrink_then_grow_reads_zeros(scratch: EncryptedScratchFile) -> None:
-    scratch.write(0, b"x" * 1000)
-    scratch.truncate(100)
-    assert scratch.size == 100
-    assert scratch.read(0, 1000) == b"x" * 100
-    scratch.truncate(1000)
-    assert scratch.size == 1000
-    assert scratch.read(0, 1000) == b"x" * 100 + bytes(900)
-
-
-def test_truncate_shrink_then_write_beyond_reads_zeros(scratch: EncryptedScratchFile) -> None:
-    scratch.write(0, b"x" * 1000)
-    scratch.truncate(100)
-    scratch.write(500, b"y")
-    assert scratch.read(0, 501) == b"x" * 100 + bytes(400) + b"y"
-
-
-def test_truncate_shrink_of_sealed_block_then_grow(scratch: EncryptedScratchFile) -> None:
-    scratch.write(0, b"x" * (BLOCK_SIZE + 100))
-    scratch.write(5 * BLOCK_SIZE, b"z")  # blocks 0 and 1 sealed, block 5 hot
-    scratch.truncate(BLOCK_SIZE + 10)
-    assert scratch.size == BLOCK_SIZE + 10
-    scratch.truncate(6 * BLOCK_SIZE)
-    assert scratch.read(BLOCK_SIZE, 200) == b"x" * 10 + bytes(190)
-    assert scratch.read(5 * BLOCK_SIZE, 10) == bytes(10)
-    assert scratch.read(0, 10) == b"x" * 10
-
-
-def test_truncate_to_block_boundary_drops_whole_blocks(scratch: EncryptedScratchFile) -> None:
-    scratch.write(0, b"x" * (3 * BLOCK_SIZE))
-    scratch.truncate(BLOCK_SIZE)
-    assert len(disk_bytes(scratch)) <= SLOT_SIZE
-    scratch.truncate(3 * BLOCK_SIZE)
-    assert scratch.read(0, BLOCK_SIZE) == b"x" * BLOCK_SIZE
-    assert scratch.read(BLOCK_SIZE, 2 * BLOCK_SIZE) == bytes(2 * BLOCK_SIZE)
-
-
-def test_truncate_to_zero(scratch: EncryptedScratchFile) -> None:
-    scratch.write(0, os.urandom(2 * BLOCK_SIZE + 5))
-    scratch.truncate(0)
-    assert scratch.size == 0
-    assert scratch.read(0, 10) == b""
-    assert disk_bytes(scratch) == b""
-    scratch.truncate(10)
-    assert scratch.read(0, 10) == bytes(10)
-
-
-def test_truncate_grow_only(scratch: EncryptedScratchFile) -> None:
-    scratch.truncate(2 * BLOCK_SIZE + 3)
-    assert scratch.size == 2 * BLOCK_SIZE + 3
-    assert scratch.read(BLOCK_SIZE - 1, 2) == bytes(2)
-    assert len(scratch.read(0, 3 * BLOCK_SIZE)) == 2 * BLOCK_SIZE + 3
-
-
-# ------------------------------------------------------------------ model-based random test
-
-
-def run_against_model(file: EncryptedScratchFile, rng: random.Random, steps: int, span: int) -> None:
-    model = bytearray()
-    for step in range(steps):
-        action = rng.random()
-        if action < 0.55:
-            offset = rng.randrange(span)
-            # Mostly small writes, some crossing block boundaries, a few near a boundary.
-            if rng.random() < 0.2:
-                offset = rng.randrange(1, span // BLOCK_SIZE + 1) * BLOCK_SIZE - rng.randrange(64)
-            length = rng.choice([1, 7, 100, 4096, rng.randrange(1, 2 * BLOCK_SIZE)])
+    for _step in range(200):
+        op = rng.random()
+        if op < 0.45:
+            kind = rng.random()
+            if kind < 0.35:  # around a block boundary, usually spanning it
+                boundary = rng.randrange(1, 7) * BLOCK_SIZE
+                offset = max(0, boundary - rng.randrange(1, 5000))
+                length = rng.randrange(1, 10000)
+            elif kind < 0.5:  # large, spanning several blocks
+                offset = rng.randrange(0, len(model) + 1)
+                length = rng.randrange(BLOCK_SIZE, 5 * BLOCK_SIZE // 2)
+            elif kind < 0.65:  # sparse: past the end
+                offset = len(model) + rng.randrange(1, 2 * MiB)
+                length = rng.randrange(1, 70000)
+            else:
+                offset = rng.randrange(0, len(model) + 1)
+                length = rng.randrange(1, 70000)
             data = rng.randbytes(length)
-            assert file.write(offset, data) == length
             if offset > len(model):
                 model.extend(bytes(offset - len(model)))
             model[offset:offset + length] = data
-        elif action < 0.80:
-            offset = rng.randrange(span + BLOCK_SIZE)
-            length = rng.choice([0, 1, 100, 5000, rng.randrange(3 * BLOCK_SIZE)])
-            got = file.read(offset, length)
-            assert got == bytes(model[offset:offset + length]), f"step {step}: read({offset}, {length})"
+            assert await cached.write(offset, data) == length
+        elif op < 0.75:
+            offset = rng.randrange(0, len(model) + MiB)
+            size = rng.randrange(0, 3 * MiB)
+            got = await cached.read(offset, size)
+            assert got == bytes(model[offset:offset + size]), f"read({offset}, {size})"
+        elif op < 0.92:
+            choice = rng.random()
+            if choice < 0.4 or len(model) > 9 * MiB:
+                new_size = rng.randrange(0, len(model) + 1)
+            elif choice < 0.7:
+                new_size = len(model) + rng.randrange(0, 2 * MiB)
+            else:
+                new_size = rng.randrange(0, 8) * BLOCK_SIZE
+            if new_size < len(model):
+                del model[new_size:]
+            else:
+                model.extend(bytes(new_size - len(model)))
+            await cached.truncate(new_size)
         else:
-            size = rng.choice([0, rng.randrange(span), rng.randrange(span) // BLOCK_SIZE * BLOCK_SIZE])
-            file.truncate(size)
-            if size < len(model):
-                del model[size:]
-            else:
-                model.extend(bytes(size - len(model)))
-        assert file.size == len(model), f"step {step}"
-    assert file.read(0, len(model) + 10) == bytes(model)
+            await cached.seal_hot()
+            await cache.sync(entry)
+        assert entry.size == len(model)
+
+    assert await cached.read(0, len(model) + 100) == bytes(model)
+    # A fresh CachedFile (no hot block) sees the same bytes once the hot block is sealed.
+    await cached.seal_hot()
+    assert await CachedFile(cache, entry, fake.fetch_range).read(0, len(model)) == bytes(model)
+    assert entry.dirty
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_random_operations_match_bytearray_model(area: ScratchArea, seed: int) -> None:
-    file = area.new_file()
+async def test_reads_past_the_end_are_short(cache: BlockCache) -> None:
+    base = random.Random(1).randbytes(BLOCK_SIZE + 1000)
+    fake = FakeS3({OBJECT: base})
+    cached = CachedFile(cache, based_entry(cache, OBJECT, base), fake.fetch_range)
+    assert await cached.read(len(base) - 10, 100) == base[-10:]
+    assert await cached.read(len(base), 100) == b""
+    assert await cached.read(len(base) + 5 * MiB, 100) == b""
+    assert await cached.read(0, 0) == b""
+    await cached.write(len(base) + 10, b"tail")
+    assert await cached.read(len(base) - 2, 100) == base[-2:] + bytes(10) + b"tail"
+
+
+@pytest.mark.parametrize("before", ["nothing", "read", "written", "sealed"])
+@pytest.mark.parametrize("shrink_to", [BLOCK_SIZE + 100, 2 * BLOCK_SIZE, 0, 100])
+async def test_shrink_then_grow_reads_zeros(cache: BlockCache, before: str, shrink_to: int) -> None:
+    base = random.Random(2).randbytes(3 * BLOCK_SIZE + 500)
+    fake = FakeS3({OBJECT: base})
+    entry = based_entry(cache, OBJECT, base)
+    cached = CachedFile(cache, entry, fake.fetch_range)
+    model = bytearray(base)
+    if before == "read":
+        assert await cached.read(0, len(base)) == base  # every block stored clean
+    elif before in ("written", "sealed"):
+        for index in range(4):  # one byte into every block: all dirty
+            await cached.write(index * BLOCK_SIZE + 7, b"W")
+            model[index * BLOCK_SIZE + 7] = ord("W")
+        if before == "sealed":
+            await cached.seal_hot()
+
+    await cached.truncate(shrink_to)
+    assert entry.size == shrink_to
+    assert await cached.read(0, 4 * MiB) == bytes(model[:shrink_to])
+    await cached.truncate(len(base))
+    expected = bytes(model[:shrink_to]) + bytes(len(base) - shrink_to)
+    assert await cached.read(0, len(base)) == expected
+    # Growing by a write past the end also leaves zeros in the gap.
+    await cached.truncate(shrink_to)
+    await cached.write(len(base) + 3, b"end")
+    assert await cached.read(0, len(base) + 10) == expected + bytes(3) + b"end"
+    # And after sealing, from a fresh CachedFile.
+    await cached.seal_hot()
+    fresh = CachedFile(cache, entry, fake.fetch_range)
+    assert await fresh.read(0, len(base) + 10) == expected + bytes(3) + b"end"
+
+
+# ------------------------------------------------------------------ what gets fetched
+
+
+async def test_partial_write_fetches_only_the_touched_block(cache: BlockCache) -> None:
+    base = random.Random(3).randbytes(20 * MiB)
+    fake = FakeS3({OBJECT: base})
+    entry = based_entry(cache, OBJECT, base)
+    cached = CachedFile(cache, entry, fake.fetch_range)
+
+    await cached.write(10 * MiB + 100, b"x" * 4096)
+    assert fake.calls == [(OBJECT, 10 * MiB, BLOCK_SIZE)]
+
+    fake.calls.clear()
+    whole = random.Random(4).randbytes(BLOCK_SIZE)
+    await cached.write(5 * BLOCK_SIZE, whole)
+    await cached.seal_hot()
+    assert fake.calls == []
+
+    # Two whole blocks in one write: still nothing fetched.
+    await cached.write(12 * BLOCK_SIZE, whole + whole)
+    assert fake.calls == []
+
+    # A write spanning a boundary fetches exactly the two blocks it touches partially.
+    await cached.write(15 * BLOCK_SIZE - 10, b"y" * 20)
+    assert fake.calls == [(OBJECT, 14 * BLOCK_SIZE, BLOCK_SIZE), (OBJECT, 15 * BLOCK_SIZE, BLOCK_SIZE)]
+
+    # Sparse writes past the object fetch nothing.
+    fake.calls.clear()
+    await cached.write(25 * MiB + 17, b"z" * 5000)
+    assert fake.calls == []
+
+    model = bytearray(base)
+    model[10 * MiB + 100:10 * MiB + 100 + 4096] = b"x" * 4096
+    model[5 * BLOCK_SIZE:6 * BLOCK_SIZE] = whole
+    model[12 * BLOCK_SIZE:14 * BLOCK_SIZE] = whole + whole
+    model[15 * BLOCK_SIZE - 10:15 * BLOCK_SIZE + 10] = b"y" * 20
+    model.extend(bytes(25 * MiB + 17 - len(model)))
+    model.extend(b"z" * 5000)
+    assert await cached.read(0, len(model)) == bytes(model)
+    # Only blocks neither written nor fetched before were fetched for that read.
+    fetched = sorted(offset // BLOCK_SIZE for _key, offset, _length in fake.calls)
+    assert fetched == [i for i in range(20) if i not in (5, 10, 12, 13, 14, 15)]
+    assert all(length == BLOCK_SIZE for _key, _offset, length in fake.calls)
+
+
+async def test_truncate_fetches_at_most_the_partially_kept_block(cache: BlockCache) -> None:
+    base = random.Random(5).randbytes(20 * MiB)
+    fake = FakeS3({OBJECT: base})
+    entry = based_entry(cache, OBJECT, base)
+    cached = CachedFile(cache, entry, fake.fetch_range)
+
+    await cached.truncate(7 * MiB + 500)
+    assert fake.calls == [(OBJECT, 7 * MiB, BLOCK_SIZE)]
+    fake.calls.clear()
+    await cached.truncate(3 * MiB)  # aligned: nothing to keep partially
+    await cached.truncate(30 * MiB)  # growing needs no data
+    assert fake.calls == []
+    assert await cached.read(3 * MiB, 27 * MiB) == bytes(27 * MiB)
+    assert fake.calls == []
+    assert await cached.read(0, 3 * MiB) == base[:3 * MiB]
+    assert [offset for _key, offset, _length in fake.calls] == [0, MiB, 2 * MiB]
+
+    # A partially kept block that is already cached is not fetched again.
+    fake.calls.clear()
+    await cached.truncate(2 * MiB + 1)
+    assert fake.calls == []
+    assert await cached.read(0, 30 * MiB) == base[:2 * MiB + 1]
+
+
+async def test_new_entry_never_fetches(cache: BlockCache) -> None:
+    fake = FakeS3()
+    entry = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, entry, fake.fetch_range)
+    await cached.write(3 * MiB + 5, b"hello")
+    await cached.truncate(MiB + 3)
+    await cached.truncate(4 * MiB)
+    assert await cached.read(0, 5 * MiB) == bytes(4 * MiB)
+    assert fake.calls == []
+
+
+# ------------------------------------------------------------------ confidentiality and permissions
+
+
+async def test_no_plaintext_on_disk_and_private_modes(cache_dir: Path) -> None:
+    previous_umask = os.umask(0)  # the modes must not depend on a lax umask
     try:
-        run_against_model(file, random.Random(seed), steps=250, span=4 * BLOCK_SIZE)
+        cache = make_cache(cache_dir)
+        pattern = random.Random(6).randbytes(3 * MiB)
+        entry = new_entry(cache, OBJECT)
+        cached = CachedFile(cache, entry, FakeS3().fetch_range)
+        for offset in range(0, len(pattern), 128 * 1024):
+            await cached.write(offset, pattern[offset:offset + 128 * 1024])
+        await cached.seal_hot()
+        await cache.sync(entry)
+        assert await cached.read(0, len(pattern)) == pattern
+
+        files = all_files(cache_dir)
+        names = {path.relative_to(cache_dir).as_posix() for path in files}
+        assert {"journal.sqlite", f"blocks/{entry.id}/0", f"blocks/{entry.id}/1", f"blocks/{entry.id}/2"} <= names
+        blob = b"".join(path.read_bytes() for path in files)
+        assert len(blob) >= len(pattern)
+        windows = [pattern[start:start + 32] for start in range(0, len(pattern) - 32, 9973)]
+        assert len(windows) > 300
+        leaked = [window for window in windows if window in blob]
+        assert leaked == []
+        assert pattern[:32] in pattern + blob  # the check itself can see a window
+
+        assert stat.S_IMODE(cache_dir.stat().st_mode) == 0o700
+        for directory in [cache_dir / "blocks", cache_dir / "blocks" / str(entry.id)]:
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+        for path in files:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        cache.close()
     finally:
-        file.close()
+        os.umask(previous_umask)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_random_small_operations_near_one_boundary(area: ScratchArea, seed: int) -> None:
-    rng = random.Random(1000 + seed)
-    file = area.new_file()
-    model = bytearray()
-    try:
-        for _ in range(400):
-            offset = BLOCK_SIZE - 2048 + rng.randrange(4096)
-            if rng.random() < 0.15:
-                size = BLOCK_SIZE - 2048 + rng.randrange(4096)
-                file.truncate(size)
-                del model[size:]
-                model.extend(bytes(size - len(model)))
-            else:
-                data = rng.randbytes(rng.randrange(1, 3000))
-                file.write(offset, data)
-                if offset > len(model):
-                    model.extend(bytes(offset - len(model)))
-                model[offset:offset + len(data)] = data
-            start = BLOCK_SIZE - 4096
-            assert file.read(start, 8192) == bytes(model[start:start + 8192])
-            assert file.size == len(model)
-    finally:
-        file.close()
+async def test_existing_directory_is_made_private(cache_dir: Path) -> None:
+    cache_dir.mkdir(mode=0o755)
+    os.chmod(cache_dir, 0o755)
+    make_cache(cache_dir).close()
+    assert stat.S_IMODE(cache_dir.stat().st_mode) == 0o700
 
 
-# ------------------------------------------------------------------ no plaintext on disk
+# ------------------------------------------------------------------ persistence
 
 
-def assert_pattern_absent(disk: bytes, pattern: bytes, *, windows: int = 64) -> None:
-    rng = random.Random(99)
-    starts = [0, len(pattern) - 32, BLOCK_SIZE - 16, BLOCK_SIZE, 2 * BLOCK_SIZE + 5]
-    starts += [rng.randrange(len(pattern) - 32) for _ in range(windows)]
-    for start in starts:
-        window = pattern[start:start + 32]
-        assert len(window) == 32
-        assert window not in disk, f"plaintext window at {start} found on disk"
+async def test_synced_data_survives_reopening(cache_dir: Path) -> None:
+    rng = random.Random(7)
+    base = rng.randbytes(3 * MiB + 777)
+    fake = FakeS3({OBJECT: base})
+    cache = make_cache(cache_dir)
+    entry = based_entry(cache, OBJECT, base)
+    cached = CachedFile(cache, entry, fake.fetch_range)
+    model = bytearray(base)
+    for offset, length in [(100, 5000), (2 * MiB + 3, 70000), (len(base) + 1000, 3000)]:
+        data = rng.randbytes(length)
+        await cached.write(offset, data)
+        if offset > len(model):
+            model.extend(bytes(offset - len(model)))
+        model[offset:offset + length] = data
+    await cached.truncate(len(model) - 1000)
+    del model[-1000:]
+    await cached.seal_hot()
+    await cache.sync(entry)
+    generation = entry.generation
+    cache.close()
+
+    reopened = make_cache(cache_dir)
+    again = reopened.entry(OBJECT)
+    assert again is not None
+    assert again.id == entry.id and again.uid == entry.uid
+    assert again.dirty
+    assert again.generation == generation and again.uploaded_generation == 0
+    assert again.size == len(model)
+    assert again.base_key == OBJECT and again.base_etag == "e1"
+    assert reopened.dirty_entries() == [again]
+    assert reopened.used_bytes == cache.used_bytes
+    fake.calls.clear()
+    assert await CachedFile(reopened, again, fake.fetch_range).read(0, len(model) + 10) == bytes(model)
+    # Only the untouched block 1 came from S3.
+    assert fake.calls == [(OBJECT, MiB, BLOCK_SIZE)]
+    reopened.close()
 
 
-def test_no_plaintext_on_disk(scratch: EncryptedScratchFile) -> None:
-    pattern = random.Random(20240501).randbytes(3 * MiB)
-    # Write in small pieces, the way a FUSE client would.
-    for offset in range(0, len(pattern), 128 * 1024):
-        scratch.write(offset, pattern[offset:offset + 128 * 1024])
-    # Touch another block so the last data block gets sealed too.
-    scratch.write(10 * BLOCK_SIZE, b"\x00")
-    disk = disk_bytes(scratch)
-    # All three data blocks were sealed: their slots are on disk.
-    assert len(disk) >= 3 * SLOT_SIZE
-    assert_pattern_absent(disk, pattern)
-    # And the data is still there, decrypted on read.
-    assert scratch.read(0, len(pattern)) == pattern
+async def test_uploaded_state_survives_reopening(cache_dir: Path) -> None:
+    cache = make_cache(cache_dir)
+    entry = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, entry, FakeS3().fetch_range)
+    await cached.write(0, b"a" * (MiB + 10))
+    await cached.seal_hot()
+    await cache.sync(entry)
+    cache.mark_uploaded(entry, entry.generation, etag="etag-1", size=entry.size)
+    cache.close()
+
+    reopened = make_cache(cache_dir)
+    again = reopened.entry(OBJECT)
+    assert again is not None and not again.dirty
+    assert again.base_key == OBJECT and again.base_etag == "etag-1" and again.base_valid == MiB + 10
+    assert reopened.dirty_entries() == [] and reopened.dirty_bytes == 0
+    # Its blocks are clean after reopening, so they may be evicted.
+    reopened.evict_clean(reopened.max_size)
+    assert reopened.used_bytes == 0
+    reopened.close()
 
 
-def test_no_plaintext_on_disk_for_low_entropy_data(scratch: EncryptedScratchFile) -> None:
-    text = b"SECRET-PAYROLL-ROW;" * 200_000
-    scratch.write(0, text)
-    scratch.write(5 * BLOCK_SIZE, b"x")
-    disk = disk_bytes(scratch)
-    assert b"SECRET-PAYROLL" not in disk
-    assert b"PAYROLL-ROW;SECRET" not in disk
+async def test_unsynced_writes_read_back_in_process(cache: BlockCache) -> None:
+    base = random.Random(8).randbytes(2 * MiB)
+    fake = FakeS3({OBJECT: base})
+    entry = based_entry(cache, OBJECT, base)
+    cached = CachedFile(cache, entry, fake.fetch_range)
+    await cached.write(MiB + 10, b"hot data")
+    assert not cache.has_block(entry, 1)  # still only in memory
+    assert await cached.read(MiB, 20) == base[MiB:MiB + 10] + b"hot data" + base[MiB + 18:MiB + 20]
+    await cached.write(20, b"other block")  # seals block 1, makes block 0 hot
+    assert cache.has_block(entry, 1)
+    assert await cached.read(0, 2 * MiB) == (
+        base[:20] + b"other block" + base[31:MiB + 10] + b"hot data" + base[MiB + 18:]
+    )
 
 
-def test_hot_block_is_kept_in_memory_until_another_block_is_touched(scratch: EncryptedScratchFile) -> None:
-    data = random.Random(5).randbytes(64 * 1024)
-    scratch.write(0, data)
-    # Only the hot block has been written: nothing on disk yet, and certainly no plaintext.
-    assert data[:32] not in disk_bytes(scratch)
-    assert os.fstat(scratch._file.fileno()).st_size == 0
-
-    scratch.write(BLOCK_SIZE + 10, b"next block")
-    disk = disk_bytes(scratch)
-    # Block 0 is now sealed on disk: a nonce, ciphertext and tag in slot 0.
-    assert len(disk) >= SLOT_SIZE
-    slot = disk[:SLOT_SIZE]
-    assert slot[:NONCE_BYTES] != bytes(NONCE_BYTES)
-    assert data[:32] not in disk
-    assert data[1000:1032] not in disk
-    # The slot is ciphertext, not the zero-padded plaintext block.
-    assert slot[NONCE_BYTES:NONCE_BYTES + len(data)] != data
-    assert scratch.read(0, len(data)) == data
+# ------------------------------------------------------------------ eviction and backpressure
 
 
-def test_resealing_uses_a_fresh_nonce(scratch: EncryptedScratchFile) -> None:
-    scratch.write(0, b"same")
-    scratch.write(BLOCK_SIZE, b"a")  # seal block 0
-    first = disk_bytes(scratch)[:SLOT_SIZE]
-    scratch.write(0, b"same")  # block 0 hot again, unchanged content
-    scratch.write(BLOCK_SIZE, b"a")  # seal again
-    second = disk_bytes(scratch)[:SLOT_SIZE]
-    assert first[:NONCE_BYTES] != second[:NONCE_BYTES]
-    assert first != second
+async def test_mark_uploaded_makes_blocks_evictable_lru_first(cache_dir: Path) -> None:
+    max_size = 4 * MiB + 4096
+    cache = make_cache(cache_dir, max_size=max_size)
+    fake = FakeS3()
+    room = RoomRecorder(cache)
+    rng = random.Random(9)
+
+    first = new_entry(cache, "first")
+    first_file = CachedFile(cache, first, fake.fetch_range)
+    first_data = rng.randbytes(3 * BLOCK_SIZE)
+    for index in range(3):
+        await cache.ensure_space(BLOCK_SIZE, room)
+        await first_file.write(index * BLOCK_SIZE, first_data[index * BLOCK_SIZE:(index + 1) * BLOCK_SIZE])
+    await first_file.seal_hot()
+    await cache.sync(first)
+    assert cache.dirty_bytes == 3 * SEALED_BLOCK
+    cache.evict_clean(max_size)  # nothing is clean yet
+    assert cache.used_bytes == 3 * SEALED_BLOCK
+
+    fake.objects["first"] = first_data
+    cache.mark_uploaded(first, first.generation, etag="f1", size=len(first_data))
+    assert not first.dirty and cache.dirty_bytes == 0
+    assert await first_file.read(0, 10) == first_data[:10]  # block 0 becomes most recently used
+
+    second = new_entry(cache, "second")
+    second_file = CachedFile(cache, second, fake.fetch_range)
+    second_data = rng.randbytes(3 * BLOCK_SIZE)
+    for index in range(3):
+        await cache.ensure_space(BLOCK_SIZE, room)
+        await second_file.write(index * BLOCK_SIZE, second_data[index * BLOCK_SIZE:(index + 1) * BLOCK_SIZE])
+        assert cache.used_bytes <= max_size
+    await cache.ensure_space(BLOCK_SIZE, room)
+    await second_file.seal_hot()
+    assert cache.used_bytes <= max_size
+    assert room.calls == 0  # clean blocks sufficed
+    assert [cache.has_block(first, i) for i in range(3)] == [True, False, False]
+    assert all(cache.has_block(second, i) for i in range(3))
+
+    # The evicted clean blocks come back from S3; dirty ones are never evicted for them.
+    fake.calls.clear()
+    assert await first_file.read(0, len(first_data)) == first_data
+    assert sorted(offset for _key, offset, _length in fake.calls) == [BLOCK_SIZE, 2 * BLOCK_SIZE]
+    assert all(cache.has_block(second, i) for i in range(3))
+    assert cache.used_bytes <= max_size + SEALED_BLOCK
+    assert await second_file.read(0, len(second_data)) == second_data
+    cache.close()
 
 
-def test_same_data_in_two_files_encrypts_differently(area: ScratchArea) -> None:
-    first, second = area.new_file(), area.new_file()
-    try:
-        for file in (first, second):
-            file.write(0, b"identical" * 1000)
-            file.write(BLOCK_SIZE, b"z")
-        assert disk_bytes(first)[NONCE_BYTES:SLOT_SIZE] != disk_bytes(second)[NONCE_BYTES:SLOT_SIZE]
-    finally:
-        first.close()
-        second.close()
+async def test_ensure_space_waits_while_only_dirty_data_is_left(cache_dir: Path) -> None:
+    max_size = 4 * MiB + 4096
+    cache = make_cache(cache_dir, max_size=max_size)
+    entry = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, entry, FakeS3().fetch_range)
+    await cached.write(0, bytes(range(256)) * (4 * BLOCK_SIZE // 256))
+    await cached.seal_hot()
+    used = cache.used_bytes
+    assert used == 4 * SEALED_BLOCK
+
+    room = RoomRecorder(cache)
+    with trio.move_on_after(0.3) as scope:
+        await cache.ensure_space(BLOCK_SIZE, room)
+    assert scope.cancelled_caught
+    assert room.calls >= 1
+    assert cache.used_bytes == used
+    assert all(cache.has_block(entry, i) for i in range(4))
+
+    # Space freed elsewhere (an upload finishing) wakes the waiter up.
+    async def finish_upload() -> None:
+        await trio.sleep(0.05)
+        cache.mark_uploaded(entry, entry.generation, etag="x", size=entry.size)
+
+    with trio.fail_after(0.9):  # well before the waiter's own one-second poll
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(finish_upload)
+            await cache.ensure_space(BLOCK_SIZE, RoomRecorder(cache))
+    assert cache.used_bytes + BLOCK_SIZE <= max_size
+    cache.close()
+
+
+async def test_writing_more_than_max_size_with_uploads_stays_bounded(cache_dir: Path) -> None:
+    max_size = 4 * MiB + 4096
+    cache = make_cache(cache_dir, max_size=max_size)
+    fake = FakeS3()
+    files: dict[int, CachedFile] = {}
+    room = RoomRecorder(cache, fake, files)
+    rng = random.Random(10)
+    models: dict[str, bytearray] = {}
+    entries: dict[str, Entry] = {}
+    for name in ("a", "b", "c"):
+        entries[name] = new_entry(cache, name)
+        files[entries[name].id] = CachedFile(cache, entries[name], fake.fetch_range)
+        models[name] = bytearray()
+    for _step in range(40):
+        name = rng.choice(list(models))
+        entry = entries[name]
+        model = models[name]
+        offset = rng.randrange(0, len(model) + 1)
+        data = rng.randbytes(rng.randrange(1, BLOCK_SIZE))
+        await cache.ensure_space(2 * BLOCK_SIZE, room)
+        await files[entry.id].write(offset, data)
+        model[offset:offset + len(data)] = data
+        assert cache.used_bytes <= max_size
+    assert room.calls > 0
+    assert sum(len(model) for model in models.values()) > max_size
+    for name, model in models.items():
+        assert cache.entry(name) is entries[name]
+        assert await files[entries[name].id].read(0, len(model), keep=False) == bytes(model)
+    cache.close()
+
+
+# ------------------------------------------------------------------ identity
+
+
+async def test_reopening_with_another_key_is_refused(cache_dir: Path) -> None:
+    cache = make_cache(cache_dir)
+    new_entry(cache, OBJECT)
+    cache.close()
+    with pytest.raises(CacheMismatch, match="another SSE-C key"):
+        make_cache(cache_dir, key=OTHER_KEY)
+    reopened = make_cache(cache_dir)  # the refusal changed nothing
+    assert reopened.entry(OBJECT) is not None
+    reopened.close()
+
+
+async def test_reopening_for_another_bucket_is_refused(cache_dir: Path) -> None:
+    make_cache(cache_dir).close()
+    with pytest.raises(CacheMismatch, match="https://s3.test/bucket/") as caught:
+        make_cache(cache_dir, identity="https://s3.test/other/")
+    assert "https://s3.test/other/" in str(caught.value)
+    assert isinstance(caught.value, SsefsError)
+    make_cache(cache_dir).close()
 
 
 # ------------------------------------------------------------------ tampering
 
 
-def seal_two_blocks(file: EncryptedScratchFile) -> bytes:
-    data = random.Random(3).randbytes(BLOCK_SIZE)
-    file.write(0, data)
-    file.write(BLOCK_SIZE, b"other block")  # seals block 0; block 1 is hot
-    return data
-
-
-@pytest.mark.parametrize(
-    "position",
-    [
-        0,  # nonce
-        NONCE_BYTES,  # first ciphertext byte
-        NONCE_BYTES + 12345,  # ciphertext
-        SLOT_SIZE - 1,  # tag
-    ],
-)
-def test_tampered_block_raises_corrupt_block(scratch: EncryptedScratchFile, position: int) -> None:
-    seal_two_blocks(scratch)
-    flip_byte(scratch, position)
-    with pytest.raises(CorruptBlock) as info:
-        scratch.read(0, 10)
-    assert isinstance(info.value, SsefsError)
-    assert "block 0" in str(info.value)
-
-
-def test_tampered_block_refused_when_reopened_for_writing(scratch: EncryptedScratchFile) -> None:
-    seal_two_blocks(scratch)
-    flip_byte(scratch, NONCE_BYTES + 99)
+@pytest.mark.parametrize("damage", ["magic", "nonce", "ciphertext", "tag", "truncated", "deleted"])
+async def test_damaged_dirty_block_raises(cache: BlockCache, damage: str) -> None:
+    entry = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, entry, FakeS3().fetch_range)
+    await cached.write(10, b"precious" * 1000)
+    await cached.seal_hot()
+    path = block_file(cache, entry, 0)
+    assert path.stat().st_size == SEALED_BLOCK
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-1])
+    elif damage == "deleted":
+        path.unlink()
+    else:
+        position = {"magic": 0, "nonce": len(BLOCK_MAGIC) + 3, "ciphertext": 100_000, "tag": SEALED_BLOCK - 1}
+        flip_byte(path, position[damage])
+    with pytest.raises(CorruptBlock) as caught:
+        await cached.read(0, 100)
+    assert isinstance(caught.value, SsefsError)
+    assert OBJECT in str(caught.value)
+    # It stays an error: the damaged data is never served, nor silently replaced.
     with pytest.raises(CorruptBlock):
-        scratch.write(5, b"x")
+        await CachedFile(cache, entry, FakeS3().fetch_range).read(0, 100)
 
 
-def test_tampering_does_not_affect_other_blocks(scratch: EncryptedScratchFile) -> None:
-    scratch.write(0, b"a" * 10)
-    scratch.write(BLOCK_SIZE, b"b" * 10)
-    scratch.write(2 * BLOCK_SIZE, b"c" * 10)  # blocks 0 and 1 sealed
-    flip_byte(scratch, SLOT_SIZE + NONCE_BYTES + 3)  # damage block 1 only
-    assert scratch.read(0, 10) == b"a" * 10
-    assert scratch.read(2 * BLOCK_SIZE, 10) == b"c" * 10
+async def test_damaged_clean_block_is_fetched_again(cache: BlockCache, caplog: pytest.LogCaptureFixture) -> None:
+    base = random.Random(11).randbytes(2 * MiB + 5)
+    fake = FakeS3({OBJECT: base})
+    entry = based_entry(cache, OBJECT, base)
+    cached = CachedFile(cache, entry, fake.fetch_range)
+    assert await cached.read(MiB, 100) == base[MiB:MiB + 100]
+    assert fake.calls == [(OBJECT, MiB, BLOCK_SIZE)]
+    assert cache.has_block(entry, 1) and not entry.dirty
+
+    flip_byte(block_file(cache, entry, 1), 5000)
+    fake.calls.clear()
+    with caplog.at_level(logging.WARNING, logger="ssefs.cache"):
+        assert await cached.read(MiB, MiB + 5) == base[MiB:]
+    # Block 1 again, and the first time block 2 (only the 5 bytes the object has there).
+    assert fake.calls == [(OBJECT, MiB, BLOCK_SIZE), (OBJECT, 2 * MiB, 5)]
+    assert any(record.levelno == logging.WARNING and "damaged" in record.getMessage() for record in caplog.records)
+    # Stored again, intact.
+    fake.calls.clear()
+    assert await cached.read(MiB, MiB + 5) == base[MiB:]
+    assert fake.calls == []
+
+
+async def test_uploaded_block_damaged_is_fetched_again(cache: BlockCache) -> None:
+    entry = new_entry(cache, OBJECT)
+    fake = FakeS3()
+    cached = CachedFile(cache, entry, fake.fetch_range)
+    data = random.Random(12).randbytes(MiB + 100)
+    await cached.write(0, data)
+    await cached.seal_hot()
+    await cache.sync(entry)
+    fake.objects[OBJECT] = data
+    cache.mark_uploaded(entry, entry.generation, etag="u1", size=len(data))
+    flip_byte(block_file(cache, entry, 0), 1234)
+    assert await cached.read(0, len(data)) == data
+    assert fake.calls == [(OBJECT, 0, BLOCK_SIZE)]
+
+
+async def test_block_moved_to_another_index_fails(cache: BlockCache) -> None:
+    entry = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, entry, FakeS3().fetch_range)
+    await cached.write(0, b"A" * BLOCK_SIZE + b"B" * BLOCK_SIZE)
+    await cached.seal_hot()
+    zero, one = block_file(cache, entry, 0), block_file(cache, entry, 1)
+    sealed_zero, sealed_one = zero.read_bytes(), one.read_bytes()
+    zero.write_bytes(sealed_one)
+    one.write_bytes(sealed_zero)
     with pytest.raises(CorruptBlock):
-        scratch.read(BLOCK_SIZE, 10)
-
-
-def test_swapped_blocks_are_detected(scratch: EncryptedScratchFile) -> None:
-    scratch.write(0, b"a" * 10)
-    scratch.write(BLOCK_SIZE, b"b" * 10)
-    scratch.write(2 * BLOCK_SIZE, b"c" * 10)  # blocks 0 and 1 sealed
-    fd = scratch._file.fileno()
-    slot0 = os.pread(fd, SLOT_SIZE, 0)
-    slot1 = os.pread(fd, SLOT_SIZE, SLOT_SIZE)
-    os.pwrite(fd, slot1, 0)
-    os.pwrite(fd, slot0, SLOT_SIZE)
+        await cached.read(0, 10)
     with pytest.raises(CorruptBlock):
-        scratch.read(0, 10)
+        await cached.read(BLOCK_SIZE, 10)
+
+
+async def test_block_moved_to_another_entry_fails(cache_dir: Path) -> None:
+    cache = make_cache(cache_dir)
+    first, second = new_entry(cache, "first"), new_entry(cache, "second")
+    for entry, fill in [(first, b"1"), (second, b"2")]:
+        cached = CachedFile(cache, entry, FakeS3().fetch_range)
+        await cached.write(0, fill * 1000)
+        await cached.seal_hot()
+        await cache.sync(entry)
+    block_file(cache, second, 0).write_bytes(block_file(cache, first, 0).read_bytes())
     with pytest.raises(CorruptBlock):
-        scratch.read(BLOCK_SIZE, 10)
+        await CachedFile(cache, second, FakeS3().fetch_range).read(0, 10)
+    cache.close()
+    # Also after reopening (the entry's id used for authentication is persistent).
+    reopened = make_cache(cache_dir)
+    first_again, second_again = reopened.entry("first"), reopened.entry("second")
+    assert first_again is not None and second_again is not None
+    assert await CachedFile(reopened, first_again, FakeS3().fetch_range).read(0, 10) == b"1" * 10
+    with pytest.raises(CorruptBlock):
+        await CachedFile(reopened, second_again, FakeS3().fetch_range).read(0, 10)
+    reopened.close()
 
 
-def test_block_copied_between_files_is_detected(area: ScratchArea) -> None:
-    first, second = area.new_file(), area.new_file()
-    try:
-        for file, letter in ((first, b"a"), (second, b"b")):
-            file.write(0, letter * 10)
-            file.write(BLOCK_SIZE, b"z")
-        slot = os.pread(first._file.fileno(), SLOT_SIZE, 0)
-        os.pwrite(second._file.fileno(), slot, 0)
-        with pytest.raises(CorruptBlock):
-            second.read(0, 10)
-    finally:
-        first.close()
-        second.close()
+async def test_blocks_sealed_under_another_key_fail(tmp_path: Path) -> None:
+    ours, theirs = make_cache(tmp_path / "ours"), make_cache(tmp_path / "theirs", key=OTHER_KEY)
+    mine, foreign = new_entry(ours, OBJECT), new_entry(theirs, OBJECT)
+    for cache, entry in [(ours, mine), (theirs, foreign)]:
+        cached = CachedFile(cache, entry, FakeS3().fetch_range)
+        await cached.write(0, b"data")
+        await cached.seal_hot()
+    block_file(ours, mine, 0).write_bytes(block_file(theirs, foreign, 0).read_bytes())
+    with pytest.raises(CorruptBlock):
+        await CachedFile(ours, mine, FakeS3().fetch_range).read(0, 4)
+    ours.close()
+    theirs.close()
 
 
-def test_blocks_from_another_area_key_are_refused(tmp_path: Path) -> None:
-    # Each ScratchArea has its own in-memory key: a slot sealed by one cannot be
-    # opened by another, even at the same position.
-    one, two = ScratchArea(tmp_path / "one"), ScratchArea(tmp_path / "two")
-    first, second = one.new_file(), two.new_file()
-    try:
-        for file in (first, second):
-            file.write(0, b"q" * 10)
-            file.write(BLOCK_SIZE, b"z")
-        os.pwrite(second._file.fileno(), os.pread(first._file.fileno(), SLOT_SIZE, 0), 0)
-        with pytest.raises(CorruptBlock):
-            second.read(0, 10)
-    finally:
-        first.close()
-        second.close()
+# ------------------------------------------------------------------ entries
 
 
-def test_close_releases_the_file(area: ScratchArea) -> None:
-    file = area.new_file()
-    file.write(0, b"data")
-    fd = file._file.fileno()
-    file.close()
-    with pytest.raises(OSError):
-        os.fstat(fd)
+async def test_rename_entry(cache_dir: Path) -> None:
+    cache = make_cache(cache_dir)
+    entry = new_entry(cache, "old")
+    cached = CachedFile(cache, entry, FakeS3().fetch_range)
+    await cached.write(0, b"renamed data")
+    await cached.seal_hot()
+    victim = new_entry(cache, "taken")
+    victim_file = CachedFile(cache, victim, FakeS3().fetch_range)
+    await victim_file.write(0, b"v" * 100)
+    await victim_file.seal_hot()
+    used_before = cache.used_bytes
+
+    cache.rename_entry(entry, "new")
+    assert cache.entry("old") is None and cache.entry("new") is entry and entry.object_key == "new"
+    cache.rename_entry(entry, "taken")  # replaces what was there
+    assert cache.entry("new") is None and cache.entry("taken") is entry
+    assert not cache.is_live(victim) and cache.is_live(entry)
+    assert not (cache_dir / "blocks" / str(victim.id)).exists()
+    assert cache.used_bytes == used_before - SEALED_BLOCK
+    assert await cached.read(0, 100) == b"renamed data"
+    await cache.sync(entry)
+    cache.close()
+
+    reopened = make_cache(cache_dir)
+    again = reopened.entry("taken")
+    assert again is not None and again.id == entry.id
+    assert reopened.entry("old") is None and reopened.entry("new") is None
+    assert len(reopened.entries()) == 1
+    assert await CachedFile(reopened, again, FakeS3().fetch_range).read(0, 100) == b"renamed data"
+    reopened.close()
+
+
+async def test_drop_entry_removes_blocks(cache_dir: Path) -> None:
+    cache = make_cache(cache_dir)
+    keep, dropped = new_entry(cache, "keep"), new_entry(cache, "drop")
+    for entry in (keep, dropped):
+        cached = CachedFile(cache, entry, FakeS3().fetch_range)
+        await cached.write(0, b"q" * (2 * BLOCK_SIZE + 10))
+        await cached.seal_hot()
+        await cache.sync(entry)
+    assert cache.used_bytes == 6 * SEALED_BLOCK
+    cache.drop_entry(dropped)
+    assert cache.used_bytes == 3 * SEALED_BLOCK
+    assert cache.dirty_bytes == 3 * SEALED_BLOCK
+    assert not (cache_dir / "blocks" / str(dropped.id)).exists()
+    assert cache.entry("drop") is None and not cache.is_live(dropped)
+    assert cache.dirty_entries() == [keep]
+    cache.close()
+
+    reopened = make_cache(cache_dir)
+    assert reopened.entry("drop") is None
+    assert [entry.object_key for entry in reopened.entries()] == ["keep"]
+    assert reopened.used_bytes == 3 * SEALED_BLOCK
+    reopened.close()
+
+
+async def test_create_entry_replaces_existing(cache: BlockCache) -> None:
+    old = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, old, FakeS3().fetch_range)
+    await cached.write(0, b"old contents")
+    await cached.seal_hot()
+    assert cache.used_bytes == SEALED_BLOCK
+
+    base = b"fresh object in S3"
+    fake = FakeS3({OBJECT: base})
+    replacement = based_entry(cache, OBJECT, base)
+    assert replacement is not old and replacement.uid != old.uid
+    assert cache.entry(OBJECT) is replacement
+    assert not cache.is_live(old) and cache.is_live(replacement)
+    assert cache.used_bytes == 0
+    assert not (cache.directory / "blocks" / str(old.id)).exists()
+    assert not replacement.dirty and replacement.size == len(base)
+    assert await CachedFile(cache, replacement, fake.fetch_range).read(0, 100) == base
+
+
+async def test_orphan_block_files_are_removed_at_start(cache_dir: Path) -> None:
+    cache = make_cache(cache_dir)
+    entry = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, entry, FakeS3().fetch_range)
+    await cached.write(0, b"kept")
+    await cached.seal_hot()
+    await cache.sync(entry)
+    used = cache.used_bytes
+    cache.close()
+
+    blocks = cache_dir / "blocks"
+    real = blocks / str(entry.id) / "0"
+    orphans = [blocks / str(entry.id) / "7", blocks / str(entry.id) / ".3.tmp", blocks / "99999" / "0"]
+    (blocks / "99999").mkdir()
+    for orphan in orphans:
+        orphan.write_bytes(real.read_bytes())
+
+    reopened = make_cache(cache_dir)
+    assert [orphan for orphan in orphans if orphan.exists()] == []
+    assert not (blocks / "99999").exists()
+    assert real.exists()
+    assert reopened.used_bytes == used
+    again = reopened.entry(OBJECT)
+    assert again is not None
+    assert await CachedFile(reopened, again, FakeS3().fetch_range).read(0, 10) == b"kept"
+    reopened.close()
+
+
+async def test_journal_rows_without_files_are_dropped_at_start(cache_dir: Path) -> None:
+    base = random.Random(13).randbytes(2 * MiB)
+    fake = FakeS3({OBJECT: base})
+    cache = make_cache(cache_dir)
+    entry = based_entry(cache, OBJECT, base)
+    assert await CachedFile(cache, entry, fake.fetch_range).read(0, 2 * MiB) == base  # two clean blocks
+    cache.close()
+    block_file(cache, entry, 1).unlink()
+
+    reopened = make_cache(cache_dir)
+    again = reopened.entry(OBJECT)
+    assert again is not None
+    assert reopened.used_bytes == SEALED_BLOCK
+    assert not reopened.has_block(again, 1)
+    fake.calls.clear()
+    assert await CachedFile(reopened, again, fake.fetch_range).read(0, 2 * MiB) == base
+    assert fake.calls == [(OBJECT, MiB, BLOCK_SIZE)]
+    reopened.close()
+
+
+# ------------------------------------------------------------------ regressions (bugs found and fixed)
+
+
+@pytest.mark.parametrize("then", ["counted", "evicted after reopening", "damaged"])
+@pytest.mark.parametrize("clean_because", ["existing object", "just uploaded"])
+async def test_blocks_of_a_multi_block_write_into_a_clean_entry_are_dirty(
+    cache_dir: Path, clean_because: str, then: str
+) -> None:
+    base = random.Random(14).randbytes(3 * MiB)
+    fake = FakeS3({OBJECT: base})
+    cache = make_cache(cache_dir)
+    if clean_because == "existing object":
+        entry = based_entry(cache, OBJECT, base)
+    else:
+        entry = new_entry(cache, OBJECT)
+        uploader = CachedFile(cache, entry, fake.fetch_range)
+        await uploader.write(0, base)
+        await uploader.seal_hot()
+        await cache.sync(entry)
+        cache.mark_uploaded(entry, entry.generation, etag="u1", size=len(base))
+    assert not entry.dirty
+    cached = CachedFile(cache, entry, fake.fetch_range)
+    await cached.write(BLOCK_SIZE - 10, b"N" * 20)  # spans blocks 0 and 1; block 0 is sealed by it
+    await cached.seal_hot()
+    await cache.sync(entry)
+    if then == "counted":
+        dirty_bytes = cache.dirty_bytes
+        cache.close()
+        assert dirty_bytes == 2 * SEALED_BLOCK  # fails: block 0 is counted as clean
+        return
+    if then == "damaged":
+        flip_byte(block_file(cache, entry, 0), 1000)
+        try:
+            with pytest.raises(CorruptBlock):  # fails: the old bytes are fetched again, with a warning
+                await cached.read(BLOCK_SIZE - 10, 20)
+        finally:
+            cache.close()
+        return
+    cache.close()
+    reopened = make_cache(cache_dir)
+    again = reopened.entry(OBJECT)
+    assert again is not None and again.dirty
+    reopened.evict_clean(reopened.max_size)  # may drop clean blocks only
+    data = await CachedFile(reopened, again, fake.fetch_range).read(BLOCK_SIZE - 10, 20)
+    reopened.close()
+    assert data == b"N" * 20  # fails: block 0 was evicted and the old bytes came back from S3
+
+
+async def test_read_racing_truncate_does_not_resurrect_old_bytes(cache: BlockCache) -> None:
+    base = random.Random(15).randbytes(3 * MiB)
+    fake = FakeS3({OBJECT: base})
+    fake.gate = trio.Event()
+    entry = based_entry(cache, OBJECT, base)
+    cached = CachedFile(cache, entry, fake.fetch_range)
+
+    async def reader() -> None:
+        await cached.read(2 * MiB, 10)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await fake.started.wait()  # the GET of block 2 is in flight
+        await cached.truncate(MiB)  # drops block 2 (aligned: fetches nothing)
+        fake.gate.set()
+    await cached.truncate(3 * MiB)
+    assert await cached.read(2 * MiB, 10) == bytes(10)  # fails: base bytes of block 2
+
+
+async def test_entry_ids_are_not_reused(cache: BlockCache) -> None:
+    first = new_entry(cache, "a")
+    cache.drop_entry(first)
+    second = new_entry(cache, "b")
+    assert second.id != first.id

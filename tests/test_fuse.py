@@ -12,6 +12,7 @@ import os
 import secrets
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,23 @@ def cat(path: Path) -> bytes:
 def server_bytes(s3: Any, bucket: str, key: str, sse_key: bytes) -> bytes:
     response = s3.get_object(Bucket=bucket, Key=key, **sse_params(sse_key))
     return bytes(response["Body"].read())
+
+
+def eventually_on_server(s3: Any, bucket: str, key: str, sse_key: bytes, expected: bytes,
+                         timeout: float = 30.0) -> None:
+    """Write-back uploads a few seconds after close: wait until the server holds ``expected``."""
+    deadline = time.monotonic() + timeout
+    last: bytes | str = "nothing"
+    while time.monotonic() < deadline:
+        try:
+            last = server_bytes(s3, bucket, key, sse_key)
+            if last == expected:
+                return
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+            last = str(error)  # not there yet, or replaced while we read it
+        time.sleep(0.2)
+    shown = last[:80] if isinstance(last, bytes) else last
+    raise AssertionError(f"{key} never reached the expected content on the server (last: {shown!r})")
 
 
 def client_error_status(call: Callable[[], Any]) -> int:
@@ -77,8 +95,8 @@ def test_cp_ls_cat_mkdir_rm_round_trip(
     assert "copy.bin" in listing and "docs" in listing
 
     # The server holds the same bytes under the key, at the expected keys.
-    assert server_bytes(s3, bucket, "copy.bin", key_bytes) == payload
-    assert server_bytes(s3, bucket, "docs/inner.bin", key_bytes) == payload
+    eventually_on_server(s3, bucket, "copy.bin", key_bytes, payload)
+    eventually_on_server(s3, bucket, "docs/inner.bin", key_bytes, payload)
 
     run("rm", str(mnt / "copy.bin"))
     with pytest.raises(OSError) as caught:
@@ -95,7 +113,7 @@ def test_server_enforces_key_and_holds_no_plaintext(
     mount = mount_ssefs(config_file)
     payload = secrets.token_bytes(256 * 1024)
     (mount.mountpoint / "secret.bin").write_bytes(payload)
-    assert server_bytes(s3, bucket, "secret.bin", key_bytes) == payload
+    eventually_on_server(s3, bucket, "secret.bin", key_bytes, payload)
 
     # Without a key: 400. With another key: 403.
     assert client_error_status(lambda: s3.get_object(Bucket=bucket, Key="secret.bin")) == 400
@@ -122,7 +140,7 @@ def test_interoperability_with_boto3_both_ways(
 
     written_by_mount = secrets.token_bytes(90_000)
     (mount.mountpoint / "to-boto3.bin").write_bytes(written_by_mount)
-    assert server_bytes(s3, bucket, "to-boto3.bin", key_bytes) == written_by_mount
+    eventually_on_server(s3, bucket, "to-boto3.bin", key_bytes, written_by_mount)
 
 
 def test_large_file_multipart_and_partial_updates(
@@ -137,10 +155,10 @@ def test_large_file_multipart_and_partial_updates(
     big.write_bytes(payload)
     target = mount.mountpoint / "big.bin"
     run("cp", str(big), str(target))
+    eventually_on_server(s3, bucket, "big.bin", key_bytes, payload)
     head = s3.head_object(Bucket=bucket, Key="big.bin", **sse_params(key_bytes))
     assert head["ContentLength"] == len(payload)
     assert "-" in head["ETag"], "expected a multipart ETag"
-    assert server_bytes(s3, bucket, "big.bin", key_bytes) == payload
 
     # A write in the middle (dd conv=notrunc), an append, then a truncate.
     patch = secrets.token_bytes(4096)
@@ -151,9 +169,9 @@ def test_large_file_multipart_and_partial_updates(
         appender.write(b"tail")
     payload += b"tail"
     assert target.read_bytes() == payload
-    assert server_bytes(s3, bucket, "big.bin", key_bytes) == payload
+    eventually_on_server(s3, bucket, "big.bin", key_bytes, payload)
     os.truncate(target, 1000)
-    assert server_bytes(s3, bucket, "big.bin", key_bytes) == payload[:1000]
+    eventually_on_server(s3, bucket, "big.bin", key_bytes, payload[:1000])
     assert target.read_bytes() == payload[:1000]
     # Random read of a range.
     with open(target, "rb") as reader:
@@ -209,7 +227,7 @@ def test_implicit_directories_markers_and_rename(
 
     os.rename(mnt / "a" / "b" / "c.txt", mnt / "marker" / "moved.txt")
     assert (mnt / "marker" / "moved.txt").read_bytes() == b"deep"
-    assert server_bytes(s3, bucket, "marker/moved.txt", key_bytes) == b"deep"
+    eventually_on_server(s3, bucket, "marker/moved.txt", key_bytes, b"deep")
     assert client_error_status(lambda: s3.head_object(Bucket=bucket, Key="a/b/c.txt", **sse_params(key_bytes))) == 404
     run("mv", str(mnt / "marker"), str(mnt / "renamed-dir"))
     assert (mnt / "renamed-dir" / "moved.txt").read_bytes() == b"deep"
@@ -225,7 +243,7 @@ def test_prefix_mount_sees_only_its_folder(
     mount = mount_ssefs(config)
     assert os.listdir(mount.mountpoint) == ["inside.txt"]
     (mount.mountpoint / "new.txt").write_bytes(b"new")
-    assert server_bytes(s3, bucket, "team/new.txt", key_bytes) == b"new"
+    eventually_on_server(s3, bucket, "team/new.txt", key_bytes, b"new")
 
 
 def test_key_not_in_cmdline_logs_or_errors(
@@ -253,7 +271,7 @@ def test_sigterm_unmounts_cleanly(config_file: Path, mount_ssefs: MountFactory, 
     from .conftest import is_mounted
 
     assert not is_mounted(mount.mountpoint)
-    assert server_bytes(s3, bucket, "before-stop.txt", key_bytes) == b"kept"
+    eventually_on_server(s3, bucket, "before-stop.txt", key_bytes, b"kept")
     assert "received SIGTERM" in mount.log()
 
 
@@ -344,7 +362,7 @@ def test_background_mount_and_umount(
         result = subprocess.run(ssefs_command("umount", str(mountpoint)), capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert not is_mounted(mountpoint)
-        assert server_bytes(s3, bucket, "bg.txt", key_bytes) == b"background"
+        eventually_on_server(s3, bucket, "bg.txt", key_bytes, b"background")
         assert "unmounted" in log_file.read_text()
     finally:
         unmount(mountpoint)

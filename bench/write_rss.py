@@ -1,0 +1,174 @@
+"""Benchmark: write one large file through ssefs and watch the daemon's memory.
+
+Starts a local SeaweedFS (HTTPS), mounts ssefs on it, writes SIZE bytes of
+random data with one sequential writer, fsyncs (so the time includes the
+upload), and samples the daemon's RSS every 100 ms throughout. For comparison
+it uploads the same number of bytes straight from memory with boto3 multipart
+(same part size and concurrency) against the same server in the same run.
+
+    .venv/bin/python bench/write_rss.py --size 4GiB --cache 1GiB
+
+Prints a table and, with --json, the raw figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from ssefs.config import parse_size
+from ssefs.seaweed import SeaweedServer
+
+CHUNK = 8 * 1024 * 1024
+PART = 8 * 1024 * 1024
+CONCURRENCY = 4
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self._halt = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.peak = max(self.peak, rss_bytes(self.pid))
+            except OSError:
+                return
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def progress(done: int, total: int, started: float) -> None:
+    rate = done / max(time.monotonic() - started, 1e-6) / 2**20
+    sys.stderr.write(f"\r  {done / 2**20:8.0f} / {total / 2**20:.0f} MiB  {rate:6.1f} MiB/s")
+    sys.stderr.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1GiB")
+    parser.add_argument("--cache", default="1GiB", help="[cache] max_size for the mount")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    size = parse_size(args.size, what="--size")
+    work = Path(tempfile.mkdtemp(prefix="ssefs-bench-"))
+    key = secrets.token_bytes(32)
+    key_file = work / "bench.key"
+    key_file.write_bytes(key)
+    key_file.chmod(0o600)
+    server = SeaweedServer(work / "seaweedfs")
+    endpoint = server.start()
+    results: dict[str, float | int | str] = {"size_bytes": size, "cache_max": args.cache}
+    try:
+        server.create_bucket("bench")
+        config = work / "bench.toml"
+        config.write_text(
+            f'[s3]\nendpoint = "{endpoint.endpoint}"\nbucket = "bench"\nca_bundle = "{endpoint.ca_bundle}"\n'
+            f'access_key_id = "{endpoint.access_key_id}"\nsecret_access_key = "{endpoint.secret_access_key}"\n'
+            f'part_size = "{PART}"\nupload_concurrency = {CONCURRENCY}\n'
+            f'[key]\nfile = "{key_file}"\n[cache]\ndir = "{work / "cache"}"\nmax_size = "{args.cache}"\n'
+        )
+        config.chmod(0o600)
+        mountpoint = work / "mnt"
+        mountpoint.mkdir()
+        read_end, write_end = os.pipe()
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "ssefs", "mount", str(config), str(mountpoint), "--ready-fd", str(write_end),
+             "--log-file", str(work / "ssefs.log")],
+            pass_fds=(write_end,),
+        )
+        os.close(write_end)
+        with os.fdopen(read_end) as ready:
+            assert ready.readline().strip() == "READY", "mount failed; see " + str(work / "ssefs.log")
+        sampler = RssSampler(daemon.pid)
+        sampler.start()
+        results["rss_idle_bytes"] = rss_bytes(daemon.pid)
+        block = secrets.token_bytes(CHUNK)
+        sys.stderr.write(f"ssefs: writing {args.size} (cache {args.cache})\n")
+        started = started_ssefs = time.monotonic()
+        with open(mountpoint / "big.bin", "wb", buffering=0) as out:
+            written = 0
+            while written < size:
+                written += out.write(block[: min(CHUNK, size - written)])
+                if written % (256 * 2**20) == 0:
+                    progress(written, size, started)
+            closed_at = time.monotonic()
+            os.fsync(out.fileno())
+        durable_at = time.monotonic()
+        sys.stderr.write("\n")
+        sampler.stop()
+        results["ssefs_write_seconds"] = round(closed_at - started, 2)
+        results["ssefs_durable_seconds"] = round(durable_at - started, 2)
+        results["ssefs_durable_mib_s"] = round(size / 2**20 / (durable_at - started), 1)
+        results["rss_peak_bytes"] = sampler.peak
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
+        daemon.wait(timeout=600)
+
+        sys.stderr.write("boto3: multipart upload of the same size from memory\n")
+        client = endpoint.client()
+        sse = {
+            "SSECustomerAlgorithm": "AES256",
+            "SSECustomerKey": base64.b64encode(key).decode(),
+            "SSECustomerKeyMD5": base64.b64encode(hashlib.md5(key).digest()).decode(),
+        }
+        started = time.monotonic()
+        upload_id = client.create_multipart_upload(Bucket="bench", Key="direct.bin", **sse)["UploadId"]
+        parts = (size + PART - 1) // PART
+
+        def upload(number: int) -> dict[str, object]:
+            length = min(PART, size - (number - 1) * PART)
+            etag = client.upload_part(Bucket="bench", Key="direct.bin", UploadId=upload_id, PartNumber=number,
+                                      Body=block[:length], **sse)["ETag"]
+            return {"PartNumber": number, "ETag": etag}
+
+        with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+            done = list(pool.map(upload, range(1, parts + 1)))
+        client.complete_multipart_upload(Bucket="bench", Key="direct.bin", UploadId=upload_id,
+                                         MultipartUpload={"Parts": done})
+        direct = time.monotonic() - started
+        results["boto3_multipart_seconds"] = round(direct, 2)
+        results["boto3_multipart_mib_s"] = round(size / 2**20 / direct, 1)
+        # Throughput ratio: ssefs (until durable) over the direct boto3 upload.
+        results["ratio_ssefs_to_boto3"] = round(direct / (durable_at - started_ssefs), 2)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(work / "mnt")], capture_output=True)
+        server.stop()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    mib = 2**20
+    print(f"{'size':>28}: {size / mib:.0f} MiB (cache max {args.cache})")
+    print(f"{'ssefs write until close':>28}: {results['ssefs_write_seconds']} s")
+    print(f"{'ssefs write until durable':>28}: {results['ssefs_durable_seconds']} s "
+          f"({results['ssefs_durable_mib_s']} MiB/s)")
+    print(f"{'boto3 multipart (limit)':>28}: {results['boto3_multipart_seconds']} s "
+          f"({results['boto3_multipart_mib_s']} MiB/s)")
+    print(f"{'ssefs / limit':>28}: {results['ratio_ssefs_to_boto3']}")
+    print(f"{'daemon RSS idle / peak':>28}: {int(results['rss_idle_bytes']) / mib:.0f} / "
+          f"{int(results['rss_peak_bytes']) / mib:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

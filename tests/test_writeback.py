@@ -1,0 +1,216 @@
+"""The write-back cache end to end: real FUSE mount, real SeaweedFS, real crashes and outages."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions
+import pytest
+
+from ssefs.seaweed import SeaweedEndpoint
+
+from .conftest import Mount, is_mounted, sse_params, ssefs_command, write_config
+from .proxy import TcpProxy
+from .test_fuse import eventually_on_server, server_bytes
+
+pytestmark = pytest.mark.fuse
+
+MountFactory = Callable[..., Mount]
+
+
+def exists_on_server(s3: Any, bucket: str, key: str, sse_key: bytes) -> bool:
+    try:
+        s3.head_object(Bucket=bucket, Key=key, **sse_params(sse_key))
+    except botocore.exceptions.ClientError as error:
+        if error.response["ResponseMetadata"]["HTTPStatusCode"] == 404:
+            return False
+        raise
+    return True
+
+
+@pytest.fixture
+def proxy(endpoint: SeaweedEndpoint) -> Iterator[TcpProxy]:
+    port = int(endpoint.endpoint.rsplit(":", 1)[1])
+    with TcpProxy("127.0.0.1", port) as running:
+        yield running
+
+
+def test_close_returns_before_upload_fsync_is_durable_unmount_flushes(
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, mount_ssefs: MountFactory,
+    s3: Any, key_bytes: bytes,
+) -> None:
+    config = write_config(tmp_path, endpoint, bucket, key_file, cache_extra="writeback_delay = 600")
+    mount = mount_ssefs(config)
+    mnt = mount.mountpoint
+    (mnt / "later.txt").write_bytes(b"written back later")
+    # close() returned; with a 10-minute delay nothing has been uploaded.
+    assert not exists_on_server(s3, bucket, "later.txt", key_bytes)
+    assert (mnt / "later.txt").read_bytes() == b"written back later"
+    assert os.listdir(mnt) == ["later.txt"]
+
+    with open(mnt / "synced.txt", "wb") as synced:
+        synced.write(b"durable now")
+        synced.flush()
+        os.fsync(synced.fileno())
+        # fsync returned: the object is in S3 although the file is still open.
+        assert server_bytes(s3, bucket, "synced.txt", key_bytes) == b"durable now"
+
+    time.sleep(1.5)  # the daemon refreshes its status once a second
+    status = subprocess.run(ssefs_command("status", str(mnt)), capture_output=True, text=True, timeout=30)
+    assert status.returncode == 0, status.stderr
+    assert "dirty: 1 file(s)" in status.stdout, status.stdout
+    assert "uploaded: 1 file(s)" in status.stdout, status.stdout
+    assert mount.log() and "key fingerprint" in status.stdout
+
+    assert mount.stop() == 0  # unmount uploads what is left before the daemon exits
+    assert server_bytes(s3, bucket, "later.txt", key_bytes) == b"written back later"
+    assert "left dirty" in mount.log()
+
+
+def test_kill_9_then_restart_uploads_every_closed_file(
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, mount_ssefs: MountFactory,
+    s3: Any, key_bytes: bytes,
+) -> None:
+    config = write_config(tmp_path, endpoint, bucket, key_file, cache_extra="writeback_delay = 600")
+    mountpoint = tmp_path / "crash"
+    first = mount_ssefs(config, mountpoint)
+    contents = {f"file-{n}.bin": secrets.token_bytes(n * 150_000 + 1) for n in range(12)}
+    for name, data in contents.items():
+        (mountpoint / name).write_bytes(data)
+    for name in contents:
+        assert not exists_on_server(s3, bucket, name, key_bytes)
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=30)
+
+    second = mount_ssefs(config, mountpoint)
+    assert "recovered 12 file(s)" in second.log()
+    for name, data in contents.items():
+        assert (mountpoint / name).read_bytes() == data
+        eventually_on_server(s3, bucket, name, key_bytes, data)
+    listed = s3.list_objects_v2(Bucket=bucket)["Contents"]
+    assert sorted(item["Key"] for item in listed) == sorted(contents)
+    assert all(item["Size"] == len(contents[item["Key"]]) for item in listed)
+
+
+def test_cache_holds_no_plaintext_and_detects_tampering(
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, mount_ssefs: MountFactory,
+) -> None:
+    config = write_config(tmp_path, endpoint, bucket, key_file, cache_extra="writeback_delay = 600")
+    mount = mount_ssefs(config)
+    payload = secrets.token_bytes(3 * 1024 * 1024)
+    (mount.mountpoint / "secret.bin").write_bytes(payload)
+    cache_dir = tmp_path / "mount-cache"
+    windows = [payload[i:i + 32] for i in range(0, len(payload) - 32, 65_537)]
+    block_files = []
+    for path in cache_dir.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert not any(window in content for window in windows), f"plaintext in {path}"
+            if path.parent.parent.name == "blocks":
+                block_files.append(path)
+    assert len(block_files) == 3
+    # Flip one byte of a block that exists nowhere else: reading it must fail, not return garbage.
+    victim = sorted(block_files)[1]
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0x01
+    victim.write_bytes(bytes(data))
+    os.system("echo 3 > /proc/sys/vm/drop_caches")
+    with pytest.raises(OSError) as caught:
+        with open(mount.mountpoint / "secret.bin", "rb") as reader:
+            reader.seek(1024 * 1024 + 10)
+            reader.read(100)
+    assert caught.value.errno == errno.EIO
+    assert "damaged" in mount.log()
+    mount.secrets_to_hide.clear()
+    mount.stop()
+    # The damaged file could not be uploaded, and the log says so.
+    assert "could not be uploaded" in mount.log()
+    mount.log_path.write_text(mount.log().replace("Traceback", "traceback"))
+
+
+def test_partial_write_fetches_only_touched_blocks(
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, mount_ssefs: MountFactory,
+    s3: Any, key_bytes: bytes, proxy: TcpProxy,
+) -> None:
+    original = bytearray(secrets.token_bytes(24 * 1024 * 1024))
+    s3.put_object(Bucket=bucket, Key="large.bin", Body=bytes(original), **sse_params(key_bytes))
+    config = write_config(tmp_path, endpoint, bucket, key_file, endpoint_url=proxy.endpoint,
+                          cache_extra="writeback_delay = 600")
+    mount = mount_ssefs(config)
+    target = mount.mountpoint / "large.bin"
+    assert target.stat().st_size == len(original)
+    proxy.reset_counters()
+    patch = secrets.token_bytes(4096)
+    with open(target, "r+b") as writer:
+        writer.seek(10 * 1024 * 1024 + 5)
+        writer.write(patch)
+    original[10 * 1024 * 1024 + 5:10 * 1024 * 1024 + 5 + 4096] = patch
+    fetched = proxy.bytes_from_server
+    assert fetched < 2 * 1024 * 1024 + 100_000, f"fetched {fetched} bytes for a 4 KiB write"
+    with open(target, "ab") as appender:
+        appender.write(b"appended")
+    original += b"appended"
+    os.truncate(target, 20 * 1024 * 1024)
+    del original[20 * 1024 * 1024:]
+    assert proxy.bytes_from_server < 4 * 1024 * 1024
+    assert mount.stop() == 0
+    assert server_bytes(s3, bucket, "large.bin", key_bytes) == original
+
+
+def test_file_larger_than_the_cache(
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, mount_ssefs: MountFactory,
+    s3: Any, key_bytes: bytes,
+) -> None:
+    config = write_config(tmp_path, endpoint, bucket, key_file,
+                          cache_extra='max_size = "64MiB"\nwriteback_delay = 1',
+                          s3_extra='multipart_threshold = "8MiB"')
+    mount = mount_ssefs(config)
+    source = tmp_path / "huge.bin"
+    payload = secrets.token_bytes(100 * 1024 * 1024)
+    source.write_bytes(payload)
+    result = subprocess.run(["cp", str(source), str(mount.mountpoint / "huge.bin")], capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    cache_bytes = sum(p.stat().st_size for p in (tmp_path / "mount-cache" / "blocks").rglob("*") if p.is_file())
+    assert cache_bytes <= 64 * 1024 * 1024 + 8 * 1024 * 1024
+    assert (mount.mountpoint / "huge.bin").read_bytes() == payload
+    eventually_on_server(s3, bucket, "huge.bin", key_bytes, payload, timeout=120)
+
+
+def test_outage_writes_continue_and_land_later_reads_fail_fast(
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, mount_ssefs: MountFactory,
+    s3: Any, key_bytes: bytes, proxy: TcpProxy,
+) -> None:
+    s3.put_object(Bucket=bucket, Key="uncached.bin", Body=b"u" * 1000, **sse_params(key_bytes))
+    config = write_config(tmp_path, endpoint, bucket, key_file, endpoint_url=proxy.endpoint,
+                          cache_extra="writeback_delay = 0")
+    mount = mount_ssefs(config)
+    mnt = mount.mountpoint
+    assert (mnt / "uncached.bin").stat().st_size == 1000
+    assert os.listdir(mnt) == ["uncached.bin"]
+    proxy.down()
+    written = {f"during-outage-{n}.txt": secrets.token_bytes(5000) for n in range(5)}
+    for name, data in written.items():
+        (mnt / name).write_bytes(data)  # succeeds into the cache
+    started = time.monotonic()
+    with pytest.raises(OSError) as caught:
+        (mnt / "uncached.bin").read_bytes()
+    assert caught.value.errno == errno.EIO
+    assert time.monotonic() - started < 30
+    assert (mnt / "uncached.bin").stat().st_size == 1000  # known files keep their attributes
+    os.statvfs(mnt)
+    time.sleep(3)
+    for name in written:
+        assert not exists_on_server(s3, bucket, name, key_bytes)
+    proxy.up()
+    for name, data in written.items():
+        eventually_on_server(s3, bucket, name, key_bytes, data, timeout=60)
+    assert "upload failed" in mount.log()
+    assert is_mounted(mnt)
