@@ -40,6 +40,7 @@ synchronous methods never await.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -51,6 +52,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import trio
 from cryptography.exceptions import InvalidTag
@@ -91,6 +93,26 @@ CREATE TABLE IF NOT EXISTS blocks (
     PRIMARY KEY (entry_id, block_index)
 );
 """
+
+
+def _lock_directory(directory: Path) -> IO[str]:
+    """Hold an exclusive lock on the cache for this process's lifetime: one daemon per cache."""
+    lock_file = open(directory / "lock", "a+")
+    os.chmod(directory / "lock", 0o600)
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "another process"
+        lock_file.close()
+        raise CacheMismatch(
+            f"cache {directory} is in use by another ssefs daemon (pid {holder}); each mount needs its own [cache] dir"
+        ) from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(str(os.getpid()))
+    lock_file.flush()
+    return lock_file
 
 
 class CorruptBlock(SsefsError):
@@ -143,6 +165,7 @@ class BlockCache:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.directory, 0o700)
+        self._lock_file = _lock_directory(self.directory)
         self.blocks_dir = self.directory / "blocks"
         self.blocks_dir.mkdir(exist_ok=True, mode=0o700)
         self.max_size = max_size
@@ -159,7 +182,7 @@ class BlockCache:
         try:
             self._check_identity(identity, key_check)
         except BaseException:
-            self._db.close()
+            self.close()
             raise
         self._entries: dict[int, Entry] = {}
         self._by_key: dict[str, Entry] = {}
@@ -215,6 +238,9 @@ class BlockCache:
                 continue
             self._blocks[(entry_id, index)] = BlockInfo(stored_bytes, write_generation)
             self.used_bytes += stored_bytes
+            # Blocks written after the entry's last sync (the daemon died before the
+            # file was closed) still count: the entry is dirty and they get uploaded.
+            owner.generation = max(owner.generation, write_generation)
             if write_generation <= owner.uploaded_generation:
                 self._clean_lru[(entry_id, index)] = None
         self._remove_orphan_files()
@@ -234,6 +260,7 @@ class BlockCache:
 
     def close(self) -> None:
         self._db.close()
+        self._lock_file.close()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -389,6 +416,14 @@ class BlockCache:
     def has_block(self, entry: Entry, index: int) -> bool:
         return (entry.id, index) in self._blocks
 
+    def has_dirty_blocks(self, entry: Entry, first: int, last: int) -> bool:
+        """Whether any block ``first..last`` holds changes not yet uploaded."""
+        for index in range(first, last + 1):
+            info = self._blocks.get((entry.id, index))
+            if info is not None and info.write_generation > entry.uploaded_generation:
+                return True
+        return False
+
     def read_block(self, entry: Entry, index: int) -> bytes | None:
         """The block's plaintext (BLOCK_SIZE bytes), or None if not stored.
 
@@ -447,6 +482,10 @@ class BlockCache:
         self._db.execute(
             "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", (entry.id, index, len(sealed), write_generation)
         )
+        if dirty:
+            # Cheap (no fsync): after a crash before close, the entry's size and
+            # generation then cover every block that reached the disk.
+            self._save_entry(entry)
 
     def _forget_block(self, entry: Entry, index: int) -> None:
         info = self._blocks.pop((entry.id, index), None)

@@ -123,7 +123,8 @@ class CachedFile:
             hot[within:within + count] = view[:count]
             view = view[count:]
             position += count
-        self.entry.size = max(self.entry.size, position)
+            # Per block, so the size saved when this block is sealed already covers it.
+            self.entry.size = max(self.entry.size, position)
         return len(data)
 
     async def truncate(self, size: int) -> None:

@@ -203,6 +203,7 @@ class SeaweedServer:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
         self.process: subprocess.Popen[bytes] | None = None
+        self._command: list[str] = []
         self._log_file: IO[bytes] | None = None
         self._endpoint: SeaweedEndpoint | None = None
 
@@ -264,15 +265,9 @@ class SeaweedServer:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
         ]
-        self._log_file = open(self.data_dir / "weed.log", "ab")
         log.info("starting SeaweedFS on https://127.0.0.1:%d (data in %s)", s3_https, self.data_dir)
-        self.process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self._command = command
+        self._spawn()
         self._endpoint = SeaweedEndpoint(
             endpoint=f"https://127.0.0.1:{s3_https}",
             ca_bundle=ca_path,
@@ -285,6 +280,30 @@ class SeaweedServer:
             self.stop()
             raise
         return self._endpoint
+
+    def _spawn(self) -> None:
+        self._log_file = open(self.data_dir / "weed.log", "ab")
+        self.process = subprocess.Popen(
+            self._command,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def crash(self) -> None:
+        """SIGKILL the server, keeping its data, ports and credentials (for outage tests)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def resume(self) -> None:
+        """Start the server again after ``crash`` on the same ports, with the same data."""
+        self._spawn()
+        self._wait_until_ready()
 
     def _wait_until_ready(self) -> None:
         client = self.endpoint.client()

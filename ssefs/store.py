@@ -100,6 +100,8 @@ class ObjectStore:
         self._copy_source_sse = key.copy_source_params()
         self.limiter = trio.CapacityLimiter(settings.max_connections)
         self._sse_c_blocked: bool | None = None
+        # None until the first UploadPartCopy tells us whether the server supports it.
+        self.part_copy_supported: bool | None = None
         try:
             session = boto3.session.Session(profile_name=settings.profile)
         except botocore.exceptions.ProfileNotFound:
@@ -416,6 +418,36 @@ class ObjectStore:
         )
         self._check_echo("UploadPart", object_key, response)
         return str(response["ETag"])
+
+    async def upload_part_copy(
+        self, object_key: str, upload_id: str, part_number: int, source_key: str, start: int, end: int
+    ) -> str | None:
+        """Copy bytes ``start..end-1`` of ``source_key`` into a part, server-side.
+
+        Returns None when the server does not implement UploadPartCopy for SSE-C
+        sources (SeaweedFS answers 501); that answer is remembered, so the caller
+        falls back to uploading the bytes and later uploads do not ask again.
+        """
+        if self.part_copy_supported is False:
+            return None
+
+        def copy() -> Any:
+            return self._client.upload_part_copy(
+                Bucket=self.bucket, Key=object_key, UploadId=upload_id, PartNumber=part_number,
+                CopySource={"Bucket": self.bucket, "Key": source_key}, CopySourceRange=f"bytes={start}-{end - 1}",
+                **self._sse, **self._copy_source_sse,
+            )
+
+        try:
+            response = await self._call("UploadPartCopy", object_key, copy)
+        except SsefsError as error:
+            if "NotImplemented" in str(error) or " 501 " in f" {error} ":
+                log.info("the server does not support UploadPartCopy with SSE-C; unchanged ranges are re-uploaded")
+                self.part_copy_supported = False
+                return None
+            raise
+        self.part_copy_supported = True
+        return str(response["CopyPartResult"]["ETag"])
 
     async def complete_multipart(self, object_key: str, upload_id: str, part_etags: list[str]) -> str:
         parts = [{"PartNumber": number, "ETag": etag} for number, etag in enumerate(part_etags, start=1)]

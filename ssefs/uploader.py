@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .cache import BlockCache, Entry
+from .cache import BLOCK_SIZE, BlockCache, Entry
 from .cachedfile import CachedFile
 from .config import MAX_PART_SIZE, MiB, S3Settings
 from .errors import SsefsError, unwrap_group
@@ -44,6 +44,8 @@ RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 300.0
 
 ReadRange = Callable[[int, int], Awaitable[bytes]]
+# For a byte range, the key of an object that holds exactly those bytes at the same offsets, if any.
+CopySource = Callable[[int, int], str | None]
 
 
 def part_size_for(total_size: int, configured: int) -> int:
@@ -56,9 +58,13 @@ def part_size_for(total_size: int, configured: int) -> int:
 
 async def upload_object(
     store: ObjectStore, settings: S3Settings, object_key: str, size: int, read: ReadRange,
-    metadata: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None, copy_source: CopySource = lambda start, end: None,
 ) -> str:
-    """Upload ``size`` bytes produced by ``read(offset, length)`` as ``object_key``; returns the ETag."""
+    """Upload ``size`` bytes produced by ``read(offset, length)`` as ``object_key``; returns the ETag.
+
+    Parts whose bytes are unchanged in an existing object (``copy_source``) are
+    copied server-side with UploadPartCopy where the server supports it.
+    """
     if size <= settings.multipart_threshold:
         return await store.put(object_key, await read(0, size), metadata)
 
@@ -76,7 +82,16 @@ async def upload_object(
             async with receive:
                 async for part_index in receive:
                     offset = part_index * part_size
-                    data = await read(offset, min(part_size, size - offset))
+                    end = min(offset + part_size, size)
+                    source = copy_source(offset, end)
+                    if source is not None:
+                        copied = await store.upload_part_copy(
+                            object_key, upload_id, part_index + 1, source, offset, end
+                        )
+                        if copied is not None:
+                            etags[part_index] = copied
+                            continue
+                    data = await read(offset, end - offset)
                     etags[part_index] = await store.upload_part(object_key, upload_id, part_index + 1, data)
 
         try:
@@ -143,7 +158,9 @@ class WriteBack:
     async def make_room(self) -> None:
         """The cache is full of dirty data: upload everything dirty now."""
         for entry in self.cache.dirty_entries():
-            if entry.id not in self._in_flight:
+            # Entries in retry backoff keep their schedule: hammering a server that
+            # is down would not free space any sooner.
+            if entry.id not in self._in_flight and entry.id not in self._failures:
                 self._due[entry.id] = trio.current_time()
         self._wakeup.set()
         await trio.lowlevel.checkpoint()
@@ -181,7 +198,8 @@ class WriteBack:
             async with self._slots:
                 await self.upload(entry)
             self._failures.pop(entry_id, None)
-        except SsefsError as error:
+        except (SsefsError, OSError) as error:
+            # OSError: local disk trouble (ENOSPC, EIO) must not end the mount either.
             failures = self._failures.get(entry_id, 0) + 1
             self._failures[entry_id] = failures
             retry_in = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (failures - 1))
@@ -207,7 +225,16 @@ class WriteBack:
             async def read(offset: int, length: int) -> bytes:
                 return await cached_file.read(offset, length, keep=False)
 
-            etag = await upload_object(self.store, self.settings, entry.object_key, size, read)
+            def unchanged_in_base(start: int, end: int) -> str | None:
+                if entry.base_key is None or end > entry.base_valid:
+                    return None
+                if self.cache.has_dirty_blocks(entry, start // BLOCK_SIZE, (end - 1) // BLOCK_SIZE):
+                    return None
+                return entry.base_key
+
+            etag = await upload_object(
+                self.store, self.settings, entry.object_key, size, read, copy_source=unchanged_in_base
+            )
             self.uploaded_files += 1
             self.uploaded_bytes += size
             if self.cache.is_live(entry):

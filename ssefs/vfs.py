@@ -179,7 +179,8 @@ class Filesystem:
         entry = self.cache.entry(self.object_key(node.path))
         if entry is not None and entry.dirty:
             return
-        if entry is not None and listed.etag != entry.base_etag and not entry.lock.locked():
+        in_use = entry is not None and (entry.open_writers > 0 or entry.lock.locked())
+        if entry is not None and listed.etag != entry.base_etag and not in_use:
             self.writeback.forget(entry)
             self.cache.drop_entry(entry)
         self.inodes.update_from_entry(node, listed)
@@ -215,6 +216,7 @@ class Filesystem:
             if listed is None:
                 raise FsError(errno.ENOENT) from None
             node = self.inodes.node_for(path, is_dir=listed.is_dir)
+            self.inodes.update_from_entry(node, listed)
             return node
         if is_dir:
             return self.inodes.node_for(path, is_dir=True)

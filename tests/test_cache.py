@@ -871,3 +871,29 @@ async def test_entry_ids_are_not_reused(cache: BlockCache) -> None:
     cache.drop_entry(first)
     second = new_entry(cache, "b")
     assert second.id != first.id
+
+
+async def test_writes_never_synced_before_a_crash_still_count_as_dirty(cache_dir: Path) -> None:
+    """The daemon died before close(): blocks already on disk must be uploaded, not forgotten."""
+    cache = make_cache(cache_dir)
+    entry = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, entry, FakeS3().fetch_range)
+    for offset in range(0, 2 * MiB + 128 * 1024, 128 * 1024):  # as FUSE delivers writes
+        await cached.write(offset, b"a" * 128 * 1024)  # blocks 0 and 1 get sealed; block 2 stays hot
+    cache.close()  # no seal_hot, no sync: like kill -9
+    reopened = make_cache(cache_dir)
+    try:
+        recovered = reopened.entry(OBJECT)
+        assert recovered is not None and recovered.dirty
+        assert reopened.dirty_entries() == [recovered]
+        assert reopened.has_dirty_blocks(recovered, 0, 1)
+        assert recovered.size == 2 * MiB  # everything that reached the disk; the hot block did not
+        data = await CachedFile(reopened, recovered, FakeS3().fetch_range).read(0, recovered.size)
+        assert data == b"a" * (2 * MiB)
+    finally:
+        reopened.close()
+
+
+def test_one_daemon_per_cache_directory(cache: BlockCache, cache_dir: Path) -> None:
+    with pytest.raises(CacheMismatch, match="in use by another ssefs daemon"):
+        make_cache(cache_dir)

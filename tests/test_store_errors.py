@@ -94,3 +94,25 @@ def test_unknown_aws_profile_is_a_config_error(monkeypatch: pytest.MonkeyPatch, 
     settings = S3Settings(endpoint="https://s3.example.invalid", bucket="photos", profile="nope")
     with pytest.raises(ConfigError, match="profile 'nope'"):
         ObjectStore(settings, KEY)
+
+
+async def test_upload_part_copy_is_used_where_supported() -> None:
+    store, stubber = stubbed_store()
+    stubber.add_response(
+        "upload_part_copy", {"CopyPartResult": {"ETag": '"copied"'}},
+        {"Bucket": "photos", "Key": "big", "UploadId": "u1", "PartNumber": 1,
+         "CopySource": {"Bucket": "photos", "Key": "big"}, "CopySourceRange": "bytes=0-5242879",
+         **KEY.sse_params(), **KEY.copy_source_params()},
+    )
+    assert await store.upload_part_copy("big", "u1", 1, "big", 0, 5 * 1024 * 1024) == '"copied"'
+    assert store.part_copy_supported is True
+
+
+async def test_upload_part_copy_not_implemented_is_detected_once() -> None:
+    store, stubber = stubbed_store()
+    stubber.add_client_error("upload_part_copy", "NotImplemented", "not implemented", 501)
+    assert await store.upload_part_copy("big", "u1", 1, "big", 0, 5 * 1024 * 1024) is None
+    assert store.part_copy_supported is False
+    # Asked once: the next call answers without a request (the stubber has no response queued).
+    assert await store.upload_part_copy("big", "u1", 2, "big", 0, 5 * 1024 * 1024) is None
+    stubber.assert_no_pending_responses()

@@ -163,6 +163,8 @@ def test_partial_write_fetches_only_touched_blocks(
     assert proxy.bytes_from_server < 4 * 1024 * 1024
     assert mount.stop() == 0
     assert server_bytes(s3, bucket, "large.bin", key_bytes) == original
+    # SeaweedFS answers UploadPartCopy from an SSE-C source with 501: detected, and the bytes re-sent.
+    assert "does not support UploadPartCopy" in mount.log()
 
 
 def test_file_larger_than_the_cache(
@@ -214,3 +216,52 @@ def test_outage_writes_continue_and_land_later_reads_fail_fast(
         eventually_on_server(s3, bucket, name, key_bytes, data, timeout=60)
     assert "upload failed" in mount.log()
     assert is_mounted(mnt)
+
+
+def test_blocks_read_once_are_served_from_the_cache_until_the_object_changes(
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, mount_ssefs: MountFactory,
+    s3: Any, key_bytes: bytes, proxy: TcpProxy,
+) -> None:
+    first = secrets.token_bytes(3 * 1024 * 1024)
+    s3.put_object(Bucket=bucket, Key="cached.bin", Body=first, **sse_params(key_bytes))
+    config = write_config(tmp_path, endpoint, bucket, key_file, endpoint_url=proxy.endpoint)
+    mount = mount_ssefs(config)
+    target = mount.mountpoint / "cached.bin"
+    assert target.read_bytes() == first
+    os.system("echo 3 > /proc/sys/vm/drop_caches")  # so the kernel's page cache cannot answer
+    proxy.reset_counters()
+    assert target.read_bytes() == first
+    assert proxy.bytes_from_server < 100_000, "second read should come from the local cache"
+    second = secrets.token_bytes(3 * 1024 * 1024)
+    s3.put_object(Bucket=bucket, Key="cached.bin", Body=second, **sse_params(key_bytes))
+    time.sleep(1.5)  # attributes are trusted for attr_timeout (1 s here)
+    os.system("echo 3 > /proc/sys/vm/drop_caches")
+    assert target.read_bytes() == second
+
+
+def test_server_killed_and_restarted_while_writing(
+    tmp_path: Path, key_file: Path, mount_ssefs: MountFactory, key_bytes: bytes,
+) -> None:
+    from ssefs.seaweed import SeaweedServer
+
+    server = SeaweedServer(tmp_path / "own-seaweedfs")
+    endpoint = server.start()
+    try:
+        server.create_bucket("outage")
+        config = write_config(tmp_path, endpoint, "outage", key_file, cache_extra="writeback_delay = 0")
+        mount = mount_ssefs(config)
+        (mount.mountpoint / "before.txt").write_bytes(b"before")
+        os.listdir(mount.mountpoint)
+        server.crash()
+        written = {f"while-down-{n}.bin": secrets.token_bytes(200_000) for n in range(4)}
+        for name, data in written.items():
+            (mount.mountpoint / name).write_bytes(data)
+        time.sleep(2)
+        server.resume()
+        s3 = endpoint.client()
+        for name, data in written.items():
+            eventually_on_server(s3, "outage", name, key_bytes, data, timeout=90)
+        eventually_on_server(s3, "outage", "before.txt", key_bytes, b"before")
+        mount.stop()
+    finally:
+        server.stop()
