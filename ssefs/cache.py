@@ -187,6 +187,8 @@ class BlockCache:
         self._entries: dict[int, Entry] = {}
         self._by_key: dict[str, Entry] = {}
         self._blocks: dict[tuple[int, int], BlockInfo] = {}
+        # The block indexes each entry has stored, so per-entry work does not scan every block.
+        self._entry_blocks: dict[int, set[int]] = {}
         # Clean blocks in least-recently-used order: the eviction candidates.
         self._clean_lru: OrderedDict[tuple[int, int], None] = OrderedDict()
         self.used_bytes = 0
@@ -237,6 +239,7 @@ class BlockCache:
                 self._db.execute("DELETE FROM blocks WHERE entry_id = ? AND block_index = ?", (entry_id, index))
                 continue
             self._blocks[(entry_id, index)] = BlockInfo(stored_bytes, write_generation)
+            self._entry_blocks.setdefault(entry_id, set()).add(index)
             self.used_bytes += stored_bytes
             # Blocks written after the entry's last sync (the daemon died before the
             # file was closed) still count: the entry is dirty and they get uploaded.
@@ -311,8 +314,9 @@ class BlockCache:
 
     def drop_entry(self, entry: Entry) -> None:
         """Forget an entry and delete its blocks (the file was deleted or changed elsewhere)."""
-        for index in [i for (e, i) in self._blocks if e == entry.id]:
+        for index in list(self._entry_blocks.get(entry.id, ())):
             self._forget_block(entry, index)
+        self._entry_blocks.pop(entry.id, None)
         with self._transaction():
             self._db.execute("DELETE FROM blocks WHERE entry_id = ?", (entry.id,))
             self._db.execute("DELETE FROM entries WHERE id = ?", (entry.id,))
@@ -390,16 +394,16 @@ class BlockCache:
         entry.base_key = entry.object_key
         entry.base_etag = etag
         entry.base_valid = size
-        for (entry_id, index), info in self._blocks.items():
-            if entry_id == entry.id and info.write_generation <= generation:
-                self._clean_lru[(entry_id, index)] = None
+        for index in self._entry_blocks.get(entry.id, ()):
+            if self._blocks[(entry.id, index)].write_generation <= generation:
+                self._clean_lru[(entry.id, index)] = None
         self._save_entry(entry, durable=True)
         self._signal_space()
 
     def truncate(self, entry: Entry, size: int) -> None:
         """Drop whole blocks past ``size``; bytes past it will read as zeros."""
         first_dropped = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
-        for index in [i for (e, i) in self._blocks if e == entry.id and i >= first_dropped]:
+        for index in [i for i in self._entry_blocks.get(entry.id, ()) if i >= first_dropped]:
             self._forget_block(entry, index)
             self._db.execute("DELETE FROM blocks WHERE entry_id = ? AND block_index = ?", (entry.id, index))
         entry.base_valid = min(entry.base_valid, size)
@@ -473,6 +477,7 @@ class BlockCache:
             self.used_bytes -= previous.stored_bytes
         write_generation = entry.generation if dirty else 0
         self._blocks[(entry.id, index)] = BlockInfo(len(sealed), write_generation)
+        self._entry_blocks.setdefault(entry.id, set()).add(index)
         self.used_bytes += len(sealed)
         if dirty:
             self._clean_lru.pop((entry.id, index), None)
@@ -491,6 +496,7 @@ class BlockCache:
         info = self._blocks.pop((entry.id, index), None)
         if info is None:
             return
+        self._entry_blocks.get(entry.id, set()).discard(index)
         self.used_bytes -= info.stored_bytes
         self._clean_lru.pop((entry.id, index), None)
         entry.unsynced.discard(index)
