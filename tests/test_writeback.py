@@ -87,11 +87,21 @@ def test_kill_9_then_restart_uploads_every_closed_file(
         (mountpoint / name).write_bytes(data)
     for name in contents:
         assert not exists_on_server(s3, bucket, name, key_bytes)
+    synced = {f"synced-{n}.bin": secrets.token_bytes(70_000) for n in range(3)}
+    for name, data in synced.items():
+        with open(mountpoint / name, "wb") as writer:
+            writer.write(data)
+            writer.flush()
+            os.fsync(writer.fileno())
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(timeout=30)
 
+    for name, data in synced.items():
+        assert server_bytes(s3, bucket, name, key_bytes) == data  # fsync meant durable in S3
+
     second = mount_ssefs(config, mountpoint)
     assert "recovered 12 file(s)" in second.log()
+    contents.update(synced)
     for name, data in contents.items():
         assert (mountpoint / name).read_bytes() == data
         eventually_on_server(s3, bucket, name, key_bytes, data)
@@ -265,3 +275,23 @@ def test_server_killed_and_restarted_while_writing(
         mount.stop()
     finally:
         server.stop()
+
+
+def test_unmount_while_server_down_keeps_data_for_the_next_mount(
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, mount_ssefs: MountFactory,
+    s3: Any, key_bytes: bytes, proxy: TcpProxy,
+) -> None:
+    config = write_config(tmp_path, endpoint, bucket, key_file, endpoint_url=proxy.endpoint,
+                          cache_extra="writeback_delay = 600")
+    mountpoint = tmp_path / "kept"
+    first = mount_ssefs(config, mountpoint)
+    payload = secrets.token_bytes(300_000)
+    (mountpoint / "pending.bin").write_bytes(payload)
+    proxy.down()
+    assert first.stop() == 0
+    assert "could not be uploaded; they stay in the cache" in first.log()
+    assert not exists_on_server(s3, bucket, "pending.bin", key_bytes)
+    proxy.up()
+    second = mount_ssefs(config, mountpoint)
+    assert "recovered 1 file(s)" in second.log()
+    eventually_on_server(s3, bucket, "pending.bin", key_bytes, payload)
