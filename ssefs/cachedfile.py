@@ -14,6 +14,8 @@ that block while the GET was in flight.
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -21,6 +23,13 @@ import trio
 from .cache import BLOCK_SIZE, BlockCache, Entry
 
 FetchRange = Callable[[str, int, int], Awaitable[bytes]]
+
+log = logging.getLogger(__name__)
+
+# Read-ahead GETs of 2 MiB, up to 16 blocks in flight per file: several GETs at
+# once are what gets a single reader near the server's parallel throughput.
+PREFETCH_BLOCKS_PER_GET = 2
+MAX_PREFETCH_IN_FLIGHT = 16
 
 
 class CachedFile:
@@ -32,6 +41,14 @@ class CachedFile:
         self._fetch_range = fetch_range
         self._hot_index: int | None = None
         self._hot = bytearray()
+        # Blocks being fetched ahead, and an event set when each fetch ends (however it ends).
+        self._inflight: dict[int, trio.Event] = {}
+        # The last block decrypted, tagged with the entry generation it is valid for:
+        # the kernel reads 128 KiB at a time, so one block serves eight reads.
+        self._recent: tuple[int, int, bytes] | None = None
+        # Blocks fetched ahead, kept in memory until read once so a sequential reader
+        # does not pay for decrypting what it just fetched; bounded like the read-ahead.
+        self._fetched_ahead: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
 
     # ------------------------------------------------------------------ blocks
 
@@ -40,6 +57,7 @@ class CachedFile:
         # free space needs. Writers wait for space before taking the lock.
         self.cache.evict_clean(BLOCK_SIZE)
         self.cache.write_block(self.entry, index, plaintext, dirty=dirty)
+        self._forget_plaintext(index)
         await trio.lowlevel.checkpoint()
 
     async def _fetch_blocks(self, first: int, count: int, *, keep: bool) -> list[bytes]:
@@ -64,14 +82,28 @@ class CachedFile:
             untouched = not self.cache.has_block(entry, index) and index != self._hot_index
             if keep and fetched and untouched and unchanged and self.cache.is_live(entry):
                 await self._store(index, block, dirty=False)
+                self._fetched_ahead[index] = (generation, block)
+                while len(self._fetched_ahead) > MAX_PREFETCH_IN_FLIGHT * 2:
+                    self._fetched_ahead.popitem(last=False)
             blocks.append(block)
         return blocks
 
     async def _block(self, index: int, *, keep: bool = True, readahead: int = 1) -> bytes:
         if index == self._hot_index:
             return bytes(self._hot)
+        recent = self._recent
+        if recent is not None and recent[0] == index and recent[1] == self.entry.generation:
+            return recent[2]
+        fetching = self._inflight.get(index)
+        if fetching is not None:
+            await fetching.wait()
+        ahead = self._fetched_ahead.pop(index, None)
+        if ahead is not None and ahead[0] == self.entry.generation:
+            self._recent = (index, ahead[0], ahead[1])
+            return ahead[1]
         stored = self.cache.read_block(self.entry, index)
         if stored is not None:
+            self._recent = (index, self.entry.generation, stored)
             return stored
         if index * BLOCK_SIZE >= self.entry.base_valid:
             return bytes(BLOCK_SIZE)
@@ -83,7 +115,14 @@ class CachedFile:
             content = bytes(BLOCK_SIZE) if overwrite_whole else await self._block(index, keep=False)
             self._hot = bytearray(content)
             self._hot_index = index
+            self._forget_plaintext(index)
         return self._hot
+
+    def _forget_plaintext(self, index: int) -> None:
+        """The block is about to change within this generation: drop in-memory copies of it."""
+        if self._recent is not None and self._recent[0] == index:
+            self._recent = None
+        self._fetched_ahead.pop(index, None)
 
     async def seal_hot(self) -> None:
         """Write the hot block to the cache (dirty); before sync, upload or switching blocks."""
@@ -92,6 +131,38 @@ class CachedFile:
         index, content = self._hot_index, bytes(self._hot)
         self._hot_index, self._hot = None, bytearray()
         await self._store(index, content, dirty=True)
+
+    def prefetch(self, first: int, count: int, nursery: trio.Nursery) -> None:
+        """Start fetching blocks ``first..first+count-1`` in the background, several GETs at once.
+
+        Blocks already cached, being fetched, or past ``base_valid`` are skipped;
+        at most ``MAX_PREFETCH_IN_FLIGHT`` blocks per file are in flight.
+        """
+        end = min(first + count, (self.entry.base_valid + BLOCK_SIZE - 1) // BLOCK_SIZE)
+        index = first
+        while index < end and len(self._inflight) < MAX_PREFETCH_IN_FLIGHT:
+            if self.cache.has_block(self.entry, index) or index in self._inflight or index == self._hot_index:
+                index += 1
+                continue
+            run = 1
+            while (run < PREFETCH_BLOCKS_PER_GET and index + run < end and index + run not in self._inflight
+                   and not self.cache.has_block(self.entry, index + run)):
+                run += 1
+            events = {number: trio.Event() for number in range(index, index + run)}
+            self._inflight.update(events)
+            nursery.start_soon(self._prefetch_run, index, run, events)
+            index += run
+
+    async def _prefetch_run(self, first: int, count: int, events: dict[int, trio.Event]) -> None:
+        try:
+            await self._fetch_blocks(first, count, keep=True)
+        except Exception as error:  # noqa: BLE001 - a failed prefetch only means the read fetches itself
+            log.debug("prefetch of blocks %d+%d of %r failed: %s", first, count, self.entry.object_key, error)
+        finally:
+            for index, event in events.items():
+                if self._inflight.get(index) is event:
+                    del self._inflight[index]
+                event.set()
 
     # ------------------------------------------------------------------ bytes
 

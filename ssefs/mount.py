@@ -158,6 +158,7 @@ async def serve(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
             await nursery.start(filesystem.writeback.run)
+            filesystem.background = nursery
             nursery.start_soon(_report_status, state, config, key, mountpoint, filesystem)
             await pyfuse3.main()
             unmounted = True

@@ -1,21 +1,24 @@
 """Per-handle read-ahead: how many blocks a read should fetch at once.
 
 A reader that keeps asking for the byte after the last one it got is reading
-sequentially; for it one ranged GET fetches a window of blocks larger than the
-kernel's 128 KiB request, starting at one block (1 MiB) and doubling up to 8,
-so a sequential read costs one request per window instead of one per kernel
-request. Any jump resets the window to one block, so random reads fetch only
-the block they touch. Fetched blocks go to the cache, whose size bound also
-bounds read-ahead memory and disk.
+sequentially; for it the filesystem fetches a window of blocks ahead in the
+background (several GETs in flight), starting at one block (1 MiB) and
+doubling up to 32. Any jump resets the window to one block, so random reads
+fetch only the block they touch.
 """
 
 from __future__ import annotations
 
-# 1 MiB is where a GET's fixed cost (a round trip, TLS record setup, the
-# server's lookup) stops dominating; 8 MiB keeps a window's memory small while
-# already giving a single stream most of a loopback server's throughput.
+# Start at one block (a random reader pays for no more); double while the
+# reader stays sequential, up to 32 MiB ahead: enough for the parallel
+# read-ahead GETs to keep the line busy. Fetched blocks land in the disk cache,
+# whose size bound also bounds read-ahead.
 MIN_WINDOW_BLOCKS = 1
-MAX_WINDOW_BLOCKS = 8
+MAX_WINDOW_BLOCKS = 32
+# The kernel's own read-ahead sends several requests at once, and they may
+# arrive out of order: a read this close to where the last one ended still
+# counts as sequential.
+SEQUENTIAL_SLACK = 1024 * 1024
 
 
 class SequentialReader:
@@ -26,10 +29,12 @@ class SequentialReader:
         self._window = MIN_WINDOW_BLOCKS
 
     def blocks_ahead(self, offset: int, size: int) -> int:
-        """How many blocks to fetch if this read misses the cache."""
-        if offset == self._next_offset:
-            self._window = min(self._window * 2, MAX_WINDOW_BLOCKS) if offset else MIN_WINDOW_BLOCKS
+        """How many blocks, starting with the one at ``offset``, to have fetched ahead."""
+        if offset == 0 and self._next_offset == 0:
+            self._window = MIN_WINDOW_BLOCKS
+        elif abs(offset - self._next_offset) <= SEQUENTIAL_SLACK:
+            self._window = min(self._window * 2, MAX_WINDOW_BLOCKS)
         else:
             self._window = MIN_WINDOW_BLOCKS
-        self._next_offset = offset + size
+        self._next_offset = max(self._next_offset, offset + size) if self._window > 1 else offset + size
         return self._window

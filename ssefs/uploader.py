@@ -14,7 +14,8 @@ dirty entry due at once, open ones included, so writers waiting for space move o
 are read from the cache (missing ranges from the object the entry is based on)
 and sent by at most ``upload_concurrency`` workers, so memory stays bounded by
 ``upload_concurrency * part_size`` whatever the file size; any failure aborts
-the multipart upload so no orphaned parts are left. The part size grows for
+the multipart upload so a failed upload leaves no orphaned parts (a crash
+mid-upload can; see docs/cache.md). The part size grows for
 huge files so that no upload needs more than S3's 10,000 parts.
 """
 
@@ -248,6 +249,6 @@ class WriteBack:
         for entry in self.cache.dirty_entries():
             try:
                 await self.upload(entry)
-            except SsefsError as error:
+            except (SsefsError, OSError) as error:
                 log.error("could not upload %r: %s", entry.object_key, error)
         return self.cache.dirty_entries()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from itertools import count
 
 import pyfuse3
+import trio
 
 from .cache import BLOCK_SIZE, BlockCache, Entry
 from .cachedfile import CachedFile
@@ -85,6 +86,8 @@ class Filesystem:
         self._handles: dict[int, Handle] = {}
         self._next_fh = count(1)
         self.started_at = time.time()
+        # Where background work (read-ahead) runs; set by the mount while it serves.
+        self.background: trio.Nursery | None = None
 
     def recover(self) -> None:
         """Queue what an earlier run left dirty in the cache (after a crash or a failed flush)."""
@@ -365,7 +368,10 @@ class Filesystem:
                 return b""
             entry = self._entry_for(node)
         blocks_ahead = handle.reader.blocks_ahead(offset, size)
-        return await self.cached_file(entry).read(offset, size, readahead_blocks=blocks_ahead)
+        cached_file = self.cached_file(entry)
+        if blocks_ahead > 1 and self.background is not None:
+            cached_file.prefetch(offset // BLOCK_SIZE, blocks_ahead, self.background)
+        return await cached_file.read(offset, size)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._handle(fh)

@@ -596,6 +596,8 @@ async def test_damaged_clean_block_is_fetched_again(cache: BlockCache, caplog: p
 
     flip_byte(block_file(cache, entry, 1), 5000)
     fake.calls.clear()
+    # A new view of the entry: the first one still remembers the block it decrypted last.
+    cached = CachedFile(cache, entry, fake.fetch_range)
     with caplog.at_level(logging.WARNING, logger="ssefs.cache"):
         assert await cached.read(MiB, MiB + 5) == base[MiB:]
     # Block 1 again, and the first time block 2 (only the 5 bytes the object has there).
@@ -603,7 +605,7 @@ async def test_damaged_clean_block_is_fetched_again(cache: BlockCache, caplog: p
     assert any(record.levelno == logging.WARNING and "damaged" in record.getMessage() for record in caplog.records)
     # Stored again, intact.
     fake.calls.clear()
-    assert await cached.read(MiB, MiB + 5) == base[MiB:]
+    assert await CachedFile(cache, entry, fake.fetch_range).read(MiB, MiB + 5) == base[MiB:]
     assert fake.calls == []
 
 
@@ -897,3 +899,16 @@ async def test_writes_never_synced_before_a_crash_still_count_as_dirty(cache_dir
 def test_one_daemon_per_cache_directory(cache: BlockCache, cache_dir: Path) -> None:
     with pytest.raises(CacheMismatch, match="in use by another ssefs daemon"):
         make_cache(cache_dir)
+
+
+async def test_block_rewritten_within_one_write_is_not_served_from_memory(cache: BlockCache) -> None:
+    """A block decrypted, then changed and sealed in the same generation, must be read as changed."""
+    entry = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, entry, FakeS3().fetch_range)
+    await cached.write(0, b"a" * (2 * MiB))
+    await cached.seal_hot()
+    await cached.read(0, 10)  # block 0 is now the last block decrypted
+    await cached.write(MiB - 5, b"b" * 10)  # changes block 0 and seals it, moving on to block 1
+    assert await cached.read(MiB - 5, 10) == b"b" * 10
+    await cached.seal_hot()
+    assert await cached.read(MiB - 5, 10) == b"b" * 10
