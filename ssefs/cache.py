@@ -146,10 +146,6 @@ class Entry:
     def dirty(self) -> bool:
         return self.generation != self.uploaded_generation
 
-    @property
-    def block_count(self) -> int:
-        return (self.size + BLOCK_SIZE - 1) // BLOCK_SIZE
-
 
 @dataclass
 class BlockInfo:

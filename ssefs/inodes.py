@@ -9,7 +9,8 @@ adds one, ``forget`` subtracts) or while files are open on it; after that it
 may be dropped and the path gets a new inode number next time.
 
 Directory listings are cached for ``attr_timeout`` seconds; a change made
-through this mount invalidates the listing of the directory it touched.
+through this mount marks the listing of the directory it touched as stale
+(the stale copy still answers lookups while S3 cannot be reached).
 This module does no I/O.
 """
 
@@ -166,9 +167,6 @@ class InodeTable:
         self._by_path[new_path] = node
         self.invalidate_listing(_parent(old_path))
         self.invalidate_listing(_parent(new_path))
-
-    def all_nodes(self) -> list[Node]:
-        return list(self._by_inode.values())
 
     # ---------------------------------------------------------------- listings
 

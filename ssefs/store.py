@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Body reads are streamed in chunks of this size so a large GET never sits in memory whole.
-DOWNLOAD_CHUNK = 1024 * 1024
 # S3 returns at most 1000 keys per ListObjectsV2 page.
 LIST_PAGE = 1000
 
@@ -283,27 +281,6 @@ class ObjectStore:
             if error.errno == 22:  # 416: offset at or past the end
                 return b""
             raise
-
-    async def download(self, object_key: str, sink: Callable[[int, bytes], object]) -> int:
-        """Stream a whole object into ``sink(offset, chunk)`` (called in the worker thread).
-
-        Returns the number of bytes received.
-        """
-
-        def fetch() -> int:
-            response = self._client.get_object(Bucket=self.bucket, Key=object_key, **self._sse)
-            self._check_echo("GetObject", object_key, response)
-            received = 0
-            body = response["Body"]
-            try:
-                for chunk in body.iter_chunks(DOWNLOAD_CHUNK):
-                    sink(received, chunk)
-                    received += len(chunk)
-            finally:
-                body.close()
-            return received
-
-        return await self._call("GetObject", object_key, fetch)
 
     # ----------------------------------------------------------------- listing
 

@@ -52,10 +52,6 @@ async def test_put_get_range_head_carry_the_key(
     assert await store.get_range("dir/object.bin", 100_000, 10) == b""
     info = await store.head("dir/object.bin")
     assert info.size == len(payload) and info.metadata == {"note": "x"}
-    chunks: dict[int, bytes] = {}
-    received = await store.download("dir/object.bin", lambda offset, chunk: chunks.__setitem__(offset, chunk))
-    assert received == len(payload)
-    assert b"".join(chunks[offset] for offset in sorted(chunks)) == payload
 
 
 async def test_errors_are_typed_and_never_contain_the_key(
