@@ -91,7 +91,17 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self.fs.lookup(parent_inode, name))
+        try:
+            return self._entry(await self.fs.lookup(parent_inode, name))
+        except FsError as error:
+            if error.errno != errno.ENOENT:
+                raise
+            # Inode 0 tells the kernel to remember "no such name" for entry_timeout,
+            # so a build probing for absent files does not ask S3 each time.
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0
+            negative.entry_timeout = self.fs.config.mount.attr_timeout
+            return negative
 
     @translated
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -410,3 +410,19 @@ def test_listed_names_can_be_looked_up(
         os.stat(mount.mountpoint / name)
     # Directories have a real time, not 1970.
     assert abs(os.stat(mount.mountpoint / "sub").st_mtime - time.time()) < 3600
+
+
+def test_missing_names_are_remembered_briefly(
+    config_file: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes
+) -> None:
+    mount = mount_ssefs(config_file)
+    mnt = mount.mountpoint
+    assert not (mnt / "later.txt").exists()
+    # Created elsewhere: visible once the negative entry expires (attr_timeout = 1 s here).
+    s3.put_object(Bucket=bucket, Key="later.txt", Body=b"remote", **sse_params(key_bytes))
+    time.sleep(1.5)
+    assert (mnt / "later.txt").read_bytes() == b"remote"
+    # Created through the mount right after a negative lookup: visible at once.
+    assert not (mnt / "local.txt").exists()
+    (mnt / "local.txt").write_bytes(b"local")
+    assert (mnt / "local.txt").read_bytes() == b"local"
