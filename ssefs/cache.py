@@ -5,13 +5,13 @@ Layout of the cache directory (created 0700; files 0600):
 belongs to), one row per cached object (an *entry*) and one row per stored
 block; ``blocks/<entry id>/<block index>`` holds one block each.
 
-Every block is 1 MiB of plaintext sealed with AES-256-GCM under a key derived
-from the mount's SSE-C key (HKDF, ``keys.SseKey.derive``), with a fresh random
-96-bit nonce per sealing and the entry's random 128-bit id plus the block index
-as associated data, so a block cannot be moved to another place or file. No
-plaintext of file data is ever written here. Random nonces under one key stay
-safe far beyond any cache's life (the collision bound is reached after about
-2^32 sealings, i.e. 4 PiB of writes).
+Every block is 1 MiB of plaintext sealed with AES-256-GCM under a per-file key
+(HKDF of a cache key that is itself derived from the mount's SSE-C key with
+``keys.SseKey.derive``, salted with the entry's random 128-bit id), with a
+fresh random 96-bit nonce per sealing and the entry id plus the block index as
+associated data, so a block cannot be moved to another place or file. No
+plaintext of file data is ever written here. Random nonces stay safe up to
+about 2^32 sealings per key, i.e. 4 PiB of writes to one file.
 
 An entry's bytes are: stored blocks where present; else, below ``base_valid``,
 the bytes of the S3 object ``base_key`` (fetched on demand); else zeros. So a
@@ -56,7 +56,9 @@ from typing import IO
 
 import trio
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import ConfigError, SsefsError
 from .keys import SseKey
@@ -166,7 +168,8 @@ class BlockCache:
         self.blocks_dir.mkdir(exist_ok=True, mode=0o700)
         self.max_size = max_size
         cache_key = key.derive(b"cache-blocks-v1")
-        self._cipher = AESGCM(cache_key)
+        self._cache_key = cache_key
+        self._ciphers: dict[bytes, AESGCM] = {}
         key_check = hmac.new(cache_key, b"ssefs cache key check", hashlib.sha256).hexdigest()
         self._db = sqlite3.connect(self.directory / "journal.sqlite", isolation_level=None)
         os.chmod(self.directory / "journal.sqlite", 0o600)
@@ -410,6 +413,22 @@ class BlockCache:
     def _block_path(self, entry_id: int, index: int) -> Path:
         return self.blocks_dir / str(entry_id) / str(index)
 
+    def _cipher(self, entry: Entry) -> AESGCM:
+        """The entry's own AES-GCM key: HKDF of the cache key with the entry's random id.
+
+        One key per cached file keeps the random-nonce collision bound per file
+        rather than for the whole cache's lifetime.
+        """
+        cipher = self._ciphers.get(entry.uid)
+        if cipher is None:
+            if len(self._ciphers) > 4096:
+                self._ciphers.clear()
+            file_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=entry.uid, info=b"ssefs cache file").derive(
+                self._cache_key
+            )
+            cipher = self._ciphers[entry.uid] = AESGCM(file_key)
+        return cipher
+
     def _associated_data(self, entry: Entry, index: int) -> bytes:
         return entry.uid + index.to_bytes(8, "big")
 
@@ -438,7 +457,7 @@ class BlockCache:
             if not sealed.startswith(BLOCK_MAGIC):
                 raise InvalidTag
             nonce = sealed[len(BLOCK_MAGIC):len(BLOCK_MAGIC) + NONCE_BYTES]
-            plaintext = self._cipher.decrypt(
+            plaintext = self._cipher(entry).decrypt(
                 nonce, sealed[len(BLOCK_MAGIC) + NONCE_BYTES:], self._associated_data(entry, index)
             )
         except (InvalidTag, FileNotFoundError):
@@ -458,7 +477,9 @@ class BlockCache:
     def write_block(self, entry: Entry, index: int, plaintext: bytes, *, dirty: bool) -> None:
         """Seal and store one block. Call ``await ensure_space`` first."""
         nonce = secrets.token_bytes(NONCE_BYTES)
-        sealed = BLOCK_MAGIC + nonce + self._cipher.encrypt(nonce, plaintext, self._associated_data(entry, index))
+        sealed = BLOCK_MAGIC + nonce + self._cipher(entry).encrypt(
+            nonce, plaintext, self._associated_data(entry, index)
+        )
         path = self._block_path(entry.id, index)
         path.parent.mkdir(exist_ok=True, mode=0o700)
         temporary = path.with_name(f".{index}.tmp")
