@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 # 4 KiB write costs one block's fetch and re-encryption, not more.
 BLOCK_SIZE = 1024 * 1024
 NONCE_BYTES = 12
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 BLOCK_MAGIC = b"SSEFSB1\0"
 
 SCHEMA = """
