@@ -32,10 +32,44 @@ PREFETCH_BLOCKS_PER_GET = 2
 MAX_PREFETCH_IN_FLIGHT = 16
 
 
+class PlaintextBlocks:
+    """Recently decrypted or fetched blocks in memory, shared by all files, least-recently-used out.
+
+    The kernel reads 128 KiB at a time, so one remembered block serves eight
+    reads without decrypting it again, and a block fetched ahead is served
+    without a round trip through the disk. Each copy is tagged with the entry
+    generation it is valid for. The shared bound keeps memory fixed however
+    many files are open.
+    """
+
+    def __init__(self, max_blocks: int) -> None:
+        self.max_blocks = max_blocks
+        self._blocks: OrderedDict[tuple[bytes, int], tuple[int, bytes]] = OrderedDict()
+
+    def get(self, uid: bytes, index: int, generation: int) -> bytes | None:
+        found = self._blocks.get((uid, index))
+        if found is None or found[0] != generation:
+            return None
+        self._blocks.move_to_end((uid, index))
+        return found[1]
+
+    def put(self, uid: bytes, index: int, generation: int, plaintext: bytes) -> None:
+        self._blocks[(uid, index)] = (generation, plaintext)
+        self._blocks.move_to_end((uid, index))
+        while len(self._blocks) > self.max_blocks:
+            self._blocks.popitem(last=False)
+
+    def forget(self, uid: bytes, index: int) -> None:
+        self._blocks.pop((uid, index), None)
+
+
 class CachedFile:
     """Reads and writes over one entry's blocks."""
 
-    def __init__(self, cache: BlockCache, entry: Entry, fetch_range: FetchRange) -> None:
+    def __init__(
+        self, cache: BlockCache, entry: Entry, fetch_range: FetchRange,
+        plaintext_blocks: PlaintextBlocks | None = None,
+    ) -> None:
         self.cache = cache
         self.entry = entry
         self._fetch_range = fetch_range
@@ -43,12 +77,8 @@ class CachedFile:
         self._hot = bytearray()
         # Blocks being fetched ahead, and an event set when each fetch ends (however it ends).
         self._inflight: dict[int, trio.Event] = {}
-        # The last block decrypted, tagged with the entry generation it is valid for:
-        # the kernel reads 128 KiB at a time, so one block serves eight reads.
-        self._recent: tuple[int, int, bytes] | None = None
-        # Blocks fetched ahead, kept in memory until read once so a sequential reader
-        # does not pay for decrypting what it just fetched; bounded like the read-ahead.
-        self._fetched_ahead: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
+        # Without a shared store (tests), a private one of two blocks.
+        self._plaintext = plaintext_blocks if plaintext_blocks is not None else PlaintextBlocks(max_blocks=2)
 
     # ------------------------------------------------------------------ blocks
 
@@ -82,28 +112,22 @@ class CachedFile:
             untouched = not self.cache.has_block(entry, index) and index != self._hot_index
             if keep and fetched and untouched and unchanged and self.cache.is_live(entry):
                 await self._store(index, block, dirty=False)
-                self._fetched_ahead[index] = (generation, block)
-                while len(self._fetched_ahead) > MAX_PREFETCH_IN_FLIGHT * 2:
-                    self._fetched_ahead.popitem(last=False)
+                self._plaintext.put(entry.uid, index, generation, block)
             blocks.append(block)
         return blocks
 
     async def _block(self, index: int, *, keep: bool = True, readahead: int = 1) -> bytes:
         if index == self._hot_index:
             return bytes(self._hot)
-        recent = self._recent
-        if recent is not None and recent[0] == index and recent[1] == self.entry.generation:
-            return recent[2]
         fetching = self._inflight.get(index)
         if fetching is not None:
             await fetching.wait()
-        ahead = self._fetched_ahead.pop(index, None)
-        if ahead is not None and ahead[0] == self.entry.generation:
-            self._recent = (index, ahead[0], ahead[1])
-            return ahead[1]
+        remembered = self._plaintext.get(self.entry.uid, index, self.entry.generation)
+        if remembered is not None:
+            return remembered
         stored = self.cache.read_block(self.entry, index)
         if stored is not None:
-            self._recent = (index, self.entry.generation, stored)
+            self._plaintext.put(self.entry.uid, index, self.entry.generation, stored)
             return stored
         if index * BLOCK_SIZE >= self.entry.base_valid:
             return bytes(BLOCK_SIZE)
@@ -120,9 +144,7 @@ class CachedFile:
 
     def _forget_plaintext(self, index: int) -> None:
         """The block is about to change within this generation: drop in-memory copies of it."""
-        if self._recent is not None and self._recent[0] == index:
-            self._recent = None
-        self._fetched_ahead.pop(index, None)
+        self._plaintext.forget(self.entry.uid, index)
 
     async def seal_hot(self) -> None:
         """Write the hot block to the cache (dirty); before sync, upload or switching blocks."""

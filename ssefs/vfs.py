@@ -29,7 +29,7 @@ import pyfuse3
 import trio
 
 from .cache import BLOCK_SIZE, BlockCache, Entry
-from .cachedfile import CachedFile
+from .cachedfile import CachedFile, PlaintextBlocks
 from .config import MAX_PART_SIZE, Config
 from .errors import NoSuchObject, ServerUnavailable, SsefsError
 from .inodes import ROOT_INODE, DirectoryEntry, InodeTable, Node, child_path
@@ -81,7 +81,10 @@ class Filesystem:
             cache, store, config.s3, delay=config.cache.writeback_delay, cached_file=self.cached_file,
             on_uploaded=self._uploaded,
         )
+        # The CachedFile of each entry that is open; other entries get a fresh one per use.
         self._cached_files: dict[int, CachedFile] = {}
+        # 32 MiB in all: two windows of read-ahead in flight (16 blocks each) for sequential readers.
+        self.plaintext_blocks = PlaintextBlocks(max_blocks=32)
         self._open_files: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = count(1)
@@ -104,8 +107,15 @@ class Filesystem:
     def cached_file(self, entry: Entry) -> CachedFile:
         cached = self._cached_files.get(entry.id)
         if cached is None or cached.entry is not entry:
-            cached = self._cached_files[entry.id] = CachedFile(self.cache, entry, self.store.get_range)
+            cached = CachedFile(self.cache, entry, self.store.get_range, self.plaintext_blocks)
+            if entry.open_writers or self._is_open(entry):
+                # Kept while open: it holds the hot block and the read-ahead state.
+                self._cached_files[entry.id] = cached
         return cached
+
+    def _is_open(self, entry: Entry) -> bool:
+        node = self.inodes.by_path(entry.object_key[len(self.prefix):])
+        return node is not None and node.inode in self._open_files
 
     def _uploaded(self, entry: Entry) -> None:
         """The write-back queue stored ``entry`` in S3: S3's view of it is current again."""
@@ -353,10 +363,15 @@ class Filesystem:
         self.inodes.invalidate_listing(parent.path)
         return fh, node
 
-    async def _truncate_entry(self, node: Node, entry: Entry, size: int) -> None:
+    async def _truncate_entry(self, node: Node, entry: Entry, size: int, *, seal: bool = False) -> None:
+        """Truncate under the entry lock; ``seal`` makes it durable at once (no handle will close it)."""
         await self.cache.ensure_space(2 * BLOCK_SIZE, self.writeback.make_room)
         async with entry.lock:
-            await self.cached_file(entry).truncate(size)
+            cached_file = self.cached_file(entry)
+            await cached_file.truncate(size)
+            if seal:
+                await cached_file.seal_hot()
+                await self.cache.sync(entry)
         node.size, node.mtime, node.has_local_data = entry.size, entry.mtime, True
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -421,6 +436,9 @@ class Filesystem:
         if open_file.handles == 0:
             del self._open_files[node.inode]
             self.inodes.drop_if_unused(node)
+            closed = self.cache.entry(self.object_key(node.path))
+            if closed is not None and closed.open_writers == 0:
+                self._cached_files.pop(closed.id, None)
 
     # ------------------------------------------------------------------ changes
 
@@ -432,11 +450,9 @@ class Filesystem:
         if size > MAX_PART_SIZE * 10_000:
             raise FsError(errno.EFBIG)
         entry = self._entry_for(node)
-        await self._truncate_entry(node, entry, size)
-        if entry.open_writers == 0:
-            async with entry.lock:
-                await self.cached_file(entry).seal_hot()
-                await self.cache.sync(entry)
+        unopened = entry.open_writers == 0
+        await self._truncate_entry(node, entry, size, seal=unopened)
+        if unopened:
             self.writeback.schedule(entry)
 
     async def mkdir(self, parent_inode: int, name_bytes: bytes) -> Node:

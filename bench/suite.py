@@ -1,0 +1,1047 @@
+"""Benchmark suite: seven everyday workloads through ssefs, each next to its limit measured in the same run.
+
+One run starts one local SeaweedFS (HTTPS on loopback), one ssefs mount (cache max_size 4 GiB, default
+write-back), and a boto3 client with the same SSE-C key. Every workload is timed through the mount and,
+where there is one, against its limit: the same transfer done directly with boto3 against the same server
+(or, for warm reads, a local file on the same disk). Ratios are ssefs rate / limit rate (1.0 = at the limit).
+
+    .venv/bin/python bench/suite.py --quick                      # smaller sizes, a few minutes
+    .venv/bin/python bench/suite.py --json results.json --plot docs/benchmarks.png
+
+Needs root (it writes /proc/sys/vm/drop_caches to start reads cold), fusermount3, and the `bench`
+extra (tqdm, matplotlib). The daemon's RSS is sampled every 100 ms over the whole suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import hashlib
+import json
+import os
+import platform
+import random
+import secrets
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config as BotoConfig
+from tqdm import tqdm
+
+from ssefs.seaweed import SeaweedEndpoint, SeaweedServer, find_weed_binary
+
+MiB = 2**20
+GiB = 2**30
+CHUNK = 8 * MiB  # write()/read() size for sequential I/O, and boto3 part/range size
+CONCURRENCY = 4  # boto3 parallel parts/ranges (the mount's upload_concurrency default)
+BUCKET = "bench"
+MOUNT_TIMEOUT = 60.0
+UPLOAD_WAIT_TIMEOUT = 300.0
+WORKLOADS = ("seq_write", "seq_read", "rand_read", "small_files", "listing", "tar_extract", "dir_rename")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    seq_bytes: int
+    rand_bytes: int
+    rand_ops: int
+    small_files: int
+    list_objects: int
+    tar_files: int | None  # None: the whole standard library
+    rename_files: int
+
+
+FULL = Sizes(seq_bytes=1 * GiB, rand_bytes=256 * MiB, rand_ops=500, small_files=1000, list_objects=10_000,
+             tar_files=None, rename_files=500)
+QUICK = Sizes(seq_bytes=256 * MiB, rand_bytes=64 * MiB, rand_ops=500, small_files=200, list_objects=2000,
+              tar_files=500, rename_files=100)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def sse_params(key: bytes) -> dict[str, str]:
+    return {
+        "SSECustomerAlgorithm": "AES256",
+        "SSECustomerKey": base64.b64encode(key).decode(),
+        "SSECustomerKeyMD5": base64.b64encode(hashlib.md5(key).digest()).decode(),
+    }
+
+
+def drop_caches() -> None:
+    """Write back dirty pages, then drop the page cache, dentries and inodes (needs root)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as control:
+        control.write("3\n")
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class RssSampler(threading.Thread):
+    """Samples VmRSS of whichever daemon is current (remounts change the pid) every 100 ms."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.pid: int | None = None
+        self.peak = 0
+        self.window_peak = 0
+        self.samples: list[tuple[float, int]] = []  # (monotonic time, RSS bytes) of every sample
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            pid = self.pid
+            if pid is not None:
+                try:
+                    value = rss_bytes(pid)
+                except OSError:
+                    value = 0
+                self.peak = max(self.peak, value)
+                self.window_peak = max(self.window_peak, value)
+                self.samples.append((time.monotonic(), value))
+            time.sleep(0.1)
+
+    def new_window(self) -> None:
+        self.window_peak = 0
+
+    def peak_between(self, start: float, end: float) -> int:
+        return max((value for when, value in self.samples if start <= when <= end), default=0)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def bar(total: int, desc: str, unit: str = "it", scale: bool = False) -> tqdm:
+    return tqdm(total=total, desc=f"  {desc}", unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
+                leave=False, position=1, dynamic_ncols=True)
+
+
+def note(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+def expected_bytes(block: bytes, offset: int, length: int) -> bytes:
+    """The bytes at ``offset`` of an object made of ``block`` repeated (block is CHUNK long)."""
+    out = bytearray()
+    while length:
+        start = offset % len(block)
+        piece = block[start:start + length]
+        out += piece
+        offset += len(piece)
+        length -= len(piece)
+    return bytes(out)
+
+
+def read_file_checked(path: Path, size: int, block: bytes, progress: tqdm | None = None) -> None:
+    """Read ``path`` sequentially in CHUNK reads and check every byte against the repeated block."""
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    offset = 0
+    with open(path, "rb", buffering=0) as source:
+        while True:
+            count = source.readinto(buffer)
+            if not count:
+                break
+            if offset % CHUNK == 0 and count == CHUNK:
+                ok = view[:count] == block
+            else:
+                ok = bytes(view[:count]) == expected_bytes(block, offset, count)
+            if not ok:
+                raise AssertionError(f"{path}: wrong data at offset {offset}")
+            offset += count
+            if progress is not None:
+                progress.update(count)
+    if offset != size:
+        raise AssertionError(f"{path}: read {offset} bytes, expected {size}")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def run(command: list[str], timeout: float = 1800, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "LC_ALL": "C"}, **kwargs)
+
+
+# --------------------------------------------------------------------------- mount
+
+
+@dataclass
+class Mount:
+    mountpoint: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    with open("/proc/self/mountinfo") as mountinfo:
+        return any(line.split()[4] == str(mountpoint) for line in mountinfo)
+
+
+def unmount(mountpoint: Path) -> None:
+    for _attempt in range(5):
+        if not is_mounted(mountpoint):
+            return
+        if subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True).returncode != 0:
+            time.sleep(0.5)
+            if is_mounted(mountpoint):
+                subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+class Harness:
+    """The server, the mount (remountable), the boto3 client and the shared data block of one run."""
+
+    def __init__(self, work: Path, sizes: Sizes) -> None:
+        self.work, self.sizes = work, sizes
+        self.key = secrets.token_bytes(32)
+        self.sse = sse_params(self.key)
+        self.key_file = work / "bench.key"
+        self.key_file.write_bytes(self.key)
+        self.key_file.chmod(0o600)
+        self.block = secrets.token_bytes(CHUNK)
+        self.server = SeaweedServer(work / "seaweedfs")
+        self.endpoint: SeaweedEndpoint | None = None
+        self.client: Any = None
+        self.mount: Mount | None = None
+        self.mountpoint = work / "mnt"
+        self.mountpoint.mkdir()
+        self.sampler = RssSampler()
+        self.mount_count = 0
+        self.cache_generation = 0
+        self.dead_daemons: list[str] = []
+
+    # server and client ---------------------------------------------------------------
+    def start_server(self) -> None:
+        self.endpoint = self.server.start()
+        self.server.create_bucket(BUCKET)
+        self.client = boto3.client(
+            "s3", endpoint_url=self.endpoint.endpoint, region_name=self.endpoint.region,
+            aws_access_key_id=self.endpoint.access_key_id, aws_secret_access_key=self.endpoint.secret_access_key,
+            verify=str(self.endpoint.ca_bundle),
+            config=BotoConfig(s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 3},
+                              connect_timeout=5, read_timeout=120, max_pool_connections=32),
+        )
+
+    def config_path(self) -> Path:
+        assert self.endpoint is not None
+        endpoint = self.endpoint
+        cache_dir = self.work / f"cache{self.cache_generation}"
+        path = self.work / f"bench{self.cache_generation}.toml"
+        path.write_text(
+            f'[s3]\nendpoint = "{endpoint.endpoint}"\nregion = "{endpoint.region}"\nbucket = "{BUCKET}"\n'
+            f'ca_bundle = "{endpoint.ca_bundle}"\naccess_key_id = "{endpoint.access_key_id}"\n'
+            f'secret_access_key = "{endpoint.secret_access_key}"\n'
+            f'[key]\nfile = "{self.key_file}"\n[cache]\ndir = "{cache_dir}"\nmax_size = "4GiB"\n'
+        )
+        path.chmod(0o600)
+        return path
+
+    # mount ----------------------------------------------------------------------------
+    def start_mount(self, fresh_cache: bool = False) -> float:
+        """Mount; returns seconds until READY."""
+        if fresh_cache:
+            self.cache_generation += 1
+        config = self.config_path()
+        self.mount_count += 1
+        log_path = self.work / f"ssefs{self.mount_count}.log"
+        read_end, write_end = os.pipe()
+        started = time.monotonic()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ssefs", "mount", str(config), str(self.mountpoint), "--ready-fd",
+             str(write_end), "--log-file", str(log_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(write_end,),
+        )
+        os.close(write_end)
+        self.mount = Mount(self.mountpoint, process, log_path)
+        with os.fdopen(read_end, "rb") as ready_pipe:
+            ready, _, _ = select.select([ready_pipe], [], [], MOUNT_TIMEOUT)
+            line = ready_pipe.readline().decode(errors="replace").strip() if ready else ""
+        if line != "READY":
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=60)
+            stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            self.mount = None
+            raise RuntimeError(f"mount failed: {stderr.strip() or line!r}; log {log_path}")
+        self.sampler.pid = process.pid
+        return time.monotonic() - started
+
+    def stop_mount(self, timeout: float = 900) -> float:
+        """Unmount and wait for the daemon to exit (it uploads what is left first); returns seconds."""
+        mount, self.mount = self.mount, None
+        if mount is None:
+            unmount(self.mountpoint)
+            return 0.0
+        started = time.monotonic()
+        unmount(mount.mountpoint)
+        try:
+            mount.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            note(f"ssefs daemon {mount.process.pid} did not exit after unmount; killing it")
+            mount.process.kill()
+            mount.process.wait(timeout=60)
+        self.sampler.pid = None
+        return time.monotonic() - started
+
+    def ensure_mount(self) -> None:
+        """Before each workload: make sure a live daemon is mounted (a crash is recorded and remounted)."""
+        if self.mount is not None and self.mount.process.poll() is not None:
+            self.dead_daemons.append(f"daemon exited with {self.mount.process.returncode}; log {self.mount.log_path}")
+            self.mount = None
+            unmount(self.mountpoint)
+        if self.mount is None:
+            try:
+                self.start_mount()
+            except RuntimeError as exc:
+                # e.g. ssefs was upgraded during the run and refuses the old cache directory.
+                self.dead_daemons.append(f"remount failed ({exc}); mounted again with an empty cache directory")
+                self.start_mount(fresh_cache=True)
+
+    def daemon_log_problems(self) -> list[str]:
+        problems = []
+        for index in range(1, self.mount_count + 1):
+            path = self.work / f"ssefs{index}.log"
+            if path.exists():
+                text = path.read_text(errors="replace")
+                count = text.count("Traceback")
+                errors = sum(1 for line in text.splitlines() if " ERROR " in line or "ERROR:" in line)
+                if count or errors:
+                    problems.append(f"{path.name}: {count} tracebacks, {errors} ERROR lines")
+        return problems
+
+    # boto3 helpers ------------------------------------------------------------------------
+    def put_repeated(self, key: str, size: int, progress: tqdm | None = None) -> float:
+        """Multipart upload of ``size`` bytes of the repeated block, CHUNK parts, CONCURRENCY threads."""
+        started = time.monotonic()
+        if size <= CHUNK:
+            self.client.put_object(Bucket=BUCKET, Key=key, Body=self.block[:size], **self.sse)
+            return time.monotonic() - started
+        upload_id = self.client.create_multipart_upload(Bucket=BUCKET, Key=key, **self.sse)["UploadId"]
+        parts = (size + CHUNK - 1) // CHUNK
+
+        def upload(number: int) -> dict[str, Any]:
+            length = min(CHUNK, size - (number - 1) * CHUNK)
+            etag = self.client.upload_part(Bucket=BUCKET, Key=key, UploadId=upload_id, PartNumber=number,
+                                           Body=self.block[:length], **self.sse)["ETag"]
+            if progress is not None:
+                progress.update(length)
+            return {"PartNumber": number, "ETag": etag}
+
+        with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+            done = list(pool.map(upload, range(1, parts + 1)))
+        self.client.complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=upload_id,
+                                              MultipartUpload={"Parts": done})
+        return time.monotonic() - started
+
+    def get_ranges(self, key: str, size: int, progress: tqdm | None = None) -> float:
+        """Parallel ranged GETs (CHUNK ranges, CONCURRENCY threads) into memory, checked."""
+        started = time.monotonic()
+
+        def fetch(offset: int) -> None:
+            end = min(size, offset + CHUNK) - 1
+            body = self.client.get_object(Bucket=BUCKET, Key=key, Range=f"bytes={offset}-{end}",
+                                          **self.sse)["Body"].read()
+            if body != self.block[:end - offset + 1]:
+                raise AssertionError(f"boto3 ranged GET of {key} at {offset}: wrong data")
+            if progress is not None:
+                progress.update(len(body))
+
+        with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+            list(pool.map(fetch, range(0, size, CHUNK)))
+        return time.monotonic() - started
+
+    def keys(self, prefix: str) -> list[str]:
+        found = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+            found.extend(item["Key"] for item in page.get("Contents", []))
+        return found
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = self.keys(prefix)
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": key} for key in keys[start:start + 1000]]
+            self.client.delete_objects(Bucket=BUCKET, Delete={"Objects": batch, "Quiet": True})
+
+    def wait_for_objects(self, prefix: str, count: int, timeout: float = UPLOAD_WAIT_TIMEOUT) -> float:
+        """Poll S3 until ``count`` file objects exist under prefix; returns the seconds waited."""
+        started = time.monotonic()
+        while True:
+            present = sum(1 for key in self.keys(prefix) if not key.endswith("/"))
+            if present >= count:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"only {present}/{count} objects under {prefix} after {timeout:.0f} s")
+            time.sleep(0.25)
+
+    def wait_visible(self, path: Path, timeout: float = 30) -> None:
+        """An object written with boto3 shows up in the mount once the listing cache expires."""
+        started = time.monotonic()
+        while not path.exists():
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"{path} did not appear in the mount")
+            time.sleep(0.25)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    workload: str
+    metric: str
+    unit: str
+    ssefs: float | None
+    limit: float | None = None
+    limit_name: str = ""
+    higher_is_better: bool = True
+
+    @property
+    def ratio(self) -> float | None:
+        if self.ssefs is None or self.limit is None or self.ssefs == 0 or self.limit == 0:
+            return None
+        return self.ssefs / self.limit if self.higher_is_better else self.limit / self.ssefs
+
+
+@dataclass
+class Result:
+    name: str
+    rows: list[Row] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+    rss_peak_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+    phase_started: float = 0.0
+
+    def start(self) -> None:
+        """Mark the start of a measured phase (for its RSS peak)."""
+        self.phase_started = time.monotonic()
+
+    def phase(self, harness: Harness, label: str) -> None:
+        """Record the daemon's peak RSS (MiB) between start() (or the previous phase) and now."""
+        time.sleep(0.15)  # let the sampler take one more sample
+        now = time.monotonic()
+        peak = harness.sampler.peak_between(self.phase_started, now)
+        self.details.setdefault("rss_peak_mib_by_phase", {})[label] = round(peak / MiB)
+        self.phase_started = now
+
+    def row(self, metric: str, unit: str, ssefs: float | None, limit: float | None = None, limit_name: str = "",
+            higher_is_better: bool = True) -> None:
+        self.rows.append(Row(self.name, metric, unit, ssefs, limit, limit_name, higher_is_better))
+
+
+def rate(amount: float, seconds: float) -> float:
+    return amount / seconds if seconds > 0 else float("inf")
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def seq_write(h: Harness, r: Result) -> None:
+    size = h.sizes.seq_bytes
+    mib = size / MiB
+    path = h.mountpoint / "seq_write.bin"
+    with bar(size, "ssefs write", "B", scale=True) as progress:
+        r.start()
+        started = time.monotonic()
+        with open(path, "wb", buffering=0) as out:
+            written = 0
+            while written < size:
+                count = out.write(h.block[: min(CHUNK, size - written)])
+                written += count
+                progress.update(count)
+        closed = time.monotonic() - started
+    r.phase(h, "write until close")
+    # close() has returned; fsync() on a fresh descriptor returns once the data is in S3.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    durable = time.monotonic() - started
+    r.phase(h, "fsync")
+    head = h.client.head_object(Bucket=BUCKET, Key="seq_write.bin", **h.sse)
+    if head["ContentLength"] != size:
+        raise AssertionError(f"object has {head['ContentLength']} bytes after fsync, expected {size}")
+    with bar(size, "boto3 multipart", "B", scale=True) as progress:
+        direct = h.put_repeated("direct/seq_write.bin", size, progress)
+    r.details.update(bytes=size, close_seconds=closed, durable_seconds=durable, boto3_seconds=direct)
+    r.row(f"{mib:.0f} MiB write, until close()", "MiB/s", rate(mib, closed), rate(mib, direct), "boto3 multipart")
+    r.row(f"{mib:.0f} MiB write, until durable (fsync)", "MiB/s", rate(mib, durable), rate(mib, direct),
+          "boto3 multipart")
+    os.unlink(path)
+    h.client.delete_object(Bucket=BUCKET, Key="direct/seq_write.bin")
+
+
+def seq_read(h: Harness, r: Result) -> None:
+    size = h.sizes.seq_bytes
+    mib = size / MiB
+    with bar(size, "setup: boto3 upload", "B", scale=True) as progress:
+        h.put_repeated("seq_read.bin", size, progress)
+    path = h.mountpoint / "seq_read.bin"
+    h.wait_visible(path)
+    timings = {}
+    for label in ("cold", "warm", "warm_dropped"):
+        if label != "warm":
+            drop_caches()
+        r.start()
+        with bar(size, f"ssefs read {label}", "B", scale=True) as progress:
+            started = time.monotonic()
+            read_file_checked(path, size, h.block, progress)
+            timings[label] = time.monotonic() - started
+        r.phase(h, f"read {label}")
+    with bar(size, "boto3 ranged GETs", "B", scale=True) as progress:
+        direct = h.get_ranges("seq_read.bin", size, progress)
+    local = h.work / "local.bin"
+    with open(local, "wb") as out:
+        for offset in range(0, size, CHUNK):
+            out.write(h.block[: min(CHUNK, size - offset)])
+        out.flush()
+        os.fsync(out.fileno())
+    drop_caches()
+    with bar(size, "local disk read", "B", scale=True) as progress:
+        started = time.monotonic()
+        read_file_checked(local, size, h.block, progress)
+        local_seconds = time.monotonic() - started
+    local.unlink()
+    r.details.update(bytes=size, **{f"{k}_seconds": v for k, v in timings.items()}, boto3_seconds=direct,
+                     local_disk_seconds=local_seconds)
+    r.row(f"{mib:.0f} MiB read, cold (from S3)", "MiB/s", rate(mib, timings["cold"]), rate(mib, direct),
+          "boto3 ranged GETs")
+    r.row(f"{mib:.0f} MiB read, warm (again at once)", "MiB/s", rate(mib, timings["warm"]),
+          rate(mib, local_seconds), "local file, cold page cache")
+    r.row(f"{mib:.0f} MiB read, warm after drop_caches (ssefs disk cache)", "MiB/s",
+          rate(mib, timings["warm_dropped"]), rate(mib, local_seconds), "local file, cold page cache")
+    os.unlink(path)
+
+
+def rand_read(h: Harness, r: Result) -> None:
+    size, ops = h.sizes.rand_bytes, h.sizes.rand_ops
+    with bar(size, "setup: boto3 upload", "B", scale=True) as progress:
+        h.put_repeated("rand_read.bin", size, progress)
+    path = h.mountpoint / "rand_read.bin"
+    h.wait_visible(path)
+    rng = random.Random(4096)
+    offsets = [rng.randrange(0, size // 4096) * 4096 for _ in range(ops)]
+    drop_caches()
+    fd = os.open(path, os.O_RDONLY)
+    latencies = []
+    try:
+        r.start()
+        started = time.monotonic()
+        for offset in tqdm(offsets, desc="  ssefs pread 4 KiB", leave=False, position=1):
+            before = time.perf_counter()
+            data = os.pread(fd, 4096, offset)
+            latencies.append(time.perf_counter() - before)
+            if data != expected_bytes(h.block, offset, 4096):
+                raise AssertionError(f"wrong data at {offset}")
+        ssefs_seconds = time.monotonic() - started
+        r.phase(h, "random reads")
+    finally:
+        os.close(fd)
+    direct_latencies = []
+    started = time.monotonic()
+    for offset in tqdm(offsets, desc="  boto3 GET 4 KiB", leave=False, position=1):
+        before = time.perf_counter()
+        data = h.client.get_object(Bucket=BUCKET, Key="rand_read.bin", Range=f"bytes={offset}-{offset + 4095}",
+                                   **h.sse)["Body"].read()
+        direct_latencies.append(time.perf_counter() - before)
+        if data != expected_bytes(h.block, offset, 4096):
+            raise AssertionError(f"boto3: wrong data at {offset}")
+    direct_seconds = time.monotonic() - started
+    r.details.update(bytes=size, ops=ops, seconds=ssefs_seconds, boto3_seconds=direct_seconds,
+                     distinct_1mib_blocks=len({offset // MiB for offset in offsets}))
+    label = f"{ops} x 4 KiB pread, cold {size // MiB} MiB"
+    r.row(f"{label}: throughput", "ops/s", rate(ops, ssefs_seconds), rate(ops, direct_seconds), "boto3 ranged GET")
+    r.row(f"{label}: p50 latency", "ms", statistics.median(latencies) * 1000,
+          statistics.median(direct_latencies) * 1000, "boto3 ranged GET", higher_is_better=False)
+    r.row(f"{label}: p99 latency", "ms", percentile(latencies, 0.99) * 1000,
+          percentile(direct_latencies, 0.99) * 1000, "boto3 ranged GET", higher_is_better=False)
+    os.unlink(path)
+
+
+def small_files(h: Harness, r: Result) -> None:
+    count = h.sizes.small_files
+    rng = random.Random(8192)
+    files = [(f"f{index:05d}", rng.randrange(1024, 8 * 1024 + 1), rng.randrange(0, CHUNK - 8192))
+             for index in range(count)]
+    directory = h.mountpoint / "small"
+    directory.mkdir()
+    phases: dict[str, float] = {}
+
+    def timed(name: str, action: Callable[[str, int, int], None]) -> None:
+        r.start()
+        started = time.monotonic()
+        for name_, length, start in tqdm(files, desc=f"  {name}", leave=False, position=1):
+            action(name_, length, start)
+        phases[name] = time.monotonic() - started
+        r.phase(h, name)
+
+    def create(name: str, length: int, start: int) -> None:
+        with open(directory / name, "wb") as out:
+            out.write(h.block[start:start + length])
+
+    def stat(name: str, length: int, start: int) -> None:
+        if os.stat(directory / name).st_size != length:
+            raise AssertionError(f"{name}: wrong size")
+
+    def read(name: str, length: int, start: int) -> None:
+        with open(directory / name, "rb") as source:
+            if source.read() != h.block[start:start + length]:
+                raise AssertionError(f"{name}: wrong data")
+
+    def delete(name: str, length: int, start: int) -> None:
+        os.unlink(directory / name)
+
+    timed("ssefs create", create)
+    # The write-back uploads each file writeback_delay (3 s) after its close; wait until all are in S3.
+    r.start()
+    uploaded = phases["ssefs create"] + h.wait_for_objects("small/", count)
+    r.phase(h, "wait for uploads")
+    drop_caches()
+    timed("ssefs stat", stat)
+    drop_caches()
+    timed("ssefs read", read)
+    timed("ssefs delete", delete)
+    directory.rmdir()
+    left = [key for key in h.keys("small/") if not key.endswith("/")]
+
+    direct: dict[str, float] = {}
+
+    def timed_direct(name: str, action: Callable[[str, int, int], None]) -> None:
+        started = time.monotonic()
+        for name_, length, start in tqdm(files, desc=f"  boto3 {name}", leave=False, position=1):
+            action("small-direct/" + name_, length, start)
+        direct[name] = time.monotonic() - started
+
+    def put(key: str, length: int, start: int) -> None:
+        h.client.put_object(Bucket=BUCKET, Key=key, Body=h.block[start:start + length], **h.sse)
+
+    def head(key: str, length: int, start: int) -> None:
+        if h.client.head_object(Bucket=BUCKET, Key=key, **h.sse)["ContentLength"] != length:
+            raise AssertionError(f"{key}: wrong size")
+
+    def get(key: str, length: int, start: int) -> None:
+        if h.client.get_object(Bucket=BUCKET, Key=key, **h.sse)["Body"].read() != h.block[start:start + length]:
+            raise AssertionError(f"{key}: wrong data")
+
+    def delete_direct(key: str, length: int, start: int) -> None:
+        h.client.delete_object(Bucket=BUCKET, Key=key)
+
+    timed_direct("put", put)
+    timed_direct("head", head)
+    timed_direct("get", get)
+    timed_direct("delete", delete_direct)
+    r.details.update(files=count, bytes=sum(length for _, length, _ in files), ssefs_seconds=phases,
+                     ssefs_until_uploaded_seconds=uploaded, boto3_seconds=direct, objects_left_after_delete=len(left))
+    label = f"{count} files 1-8 KiB"
+    r.row(f"{label}: create (write+close)", "files/s", rate(count, phases["ssefs create"]), rate(count, direct["put"]),
+          "boto3 put_object")
+    r.row(f"{label}: create until all in S3", "files/s", rate(count, uploaded), rate(count, direct["put"]),
+          "boto3 put_object")
+    r.row(f"{label}: stat (cold dentries)", "files/s", rate(count, phases["ssefs stat"]), rate(count, direct["head"]),
+          "boto3 head_object")
+    r.row(f"{label}: read (cold page cache)", "files/s", rate(count, phases["ssefs read"]),
+          rate(count, direct["get"]), "boto3 get_object")
+    r.row(f"{label}: delete", "files/s", rate(count, phases["ssefs delete"]), rate(count, direct["delete"]),
+          "boto3 delete_object")
+    if left:
+        raise AssertionError(f"{len(left)} objects still under small/ after deleting every file")
+
+
+def listing(h: Harness, r: Result) -> None:
+    count = h.sizes.list_objects
+    names = [f"list/entry-{index:06d}.txt" for index in range(count)]
+    with bar(count, "setup: boto3 put x16", "obj") as progress, concurrent.futures.ThreadPoolExecutor(16) as pool:
+        def put(key: str) -> None:
+            h.client.put_object(Bucket=BUCKET, Key=key, Body=key.encode(), **h.sse)
+            progress.update(1)
+
+        list(pool.map(put, names))
+    # Cold: a fresh mount with an empty cache directory, and dropped kernel caches.
+    h.stop_mount()
+    h.start_mount(fresh_cache=True)
+    drop_caches()
+    timings = {}
+    for label in ("cold", "warm"):
+        note(f"  ls -l {label} ({count} entries)")
+        r.start()
+        started = time.monotonic()
+        result = run(["ls", "-l", str(h.mountpoint / "list")])
+        timings[label] = time.monotonic() - started
+        r.phase(h, f"ls -l {label}")
+        lines = [line for line in result.stdout.splitlines() if not line.startswith("total")]
+        if result.returncode != 0 or len(lines) != count:
+            raise AssertionError(f"ls -l {label}: rc {result.returncode}, {len(lines)} entries; {result.stderr[:300]}")
+    started = time.monotonic()
+    listed = h.keys("list/")
+    direct = time.monotonic() - started
+    if len(listed) != count:
+        raise AssertionError(f"list_objects_v2 found {len(listed)}")
+    r.details.update(objects=count, ls_seconds=timings, boto3_seconds=direct)
+    r.row(f"ls -l of {count} objects, cold (fresh mount)", "entries/s", rate(count, timings["cold"]),
+          rate(count, direct), "boto3 list_objects_v2")
+    r.row(f"ls -l of {count} objects, warm (at once again)", "entries/s", rate(count, timings["warm"]),
+          rate(count, direct), "boto3 list_objects_v2")
+    h.delete_prefix("list/")
+
+
+def stdlib_files(limit: int | None) -> tuple[Path, list[Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chosen = []
+    for directory, subdirs, filenames in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in ("__pycache__", "site-packages")
+                            and not d.startswith("config-"))
+        for filename in sorted(filenames):
+            path = Path(directory) / filename
+            if path.is_file() and not path.is_symlink():
+                chosen.append(path.relative_to(root))
+    return root, chosen[:limit] if limit else chosen
+
+
+def tar_extract(h: Harness, r: Result) -> None:
+    root, members = stdlib_files(h.sizes.tar_files)
+    tarball = h.work / "stdlib.tar"
+    with tarfile.open(tarball, "w") as archive:
+        for member in tqdm(members, desc="  setup: build tar", leave=False, position=1):
+            archive.add(root / member, arcname=str(Path("stdlib") / member), recursive=False)
+    total_bytes = sum((root / member).stat().st_size for member in members)
+    local = h.work / "tar_local"
+    local.mkdir()
+    if run(["tar", "-xf", str(tarball), "-C", str(local)]).returncode != 0:
+        raise RuntimeError("local tar -xf failed")
+    target = h.mountpoint / "tar"
+    target.mkdir()
+    note(f"  tar -xf {len(members)} files ({total_bytes / MiB:.0f} MiB) into the mount")
+    r.start()
+    started = time.monotonic()
+    extract = run(["tar", "-xf", str(tarball), "-C", str(target)])
+    extract_seconds = time.monotonic() - started
+    tar_errors = [line for line in extract.stderr.splitlines() if line.strip()]
+    r.phase(h, "extract")
+    note("  unmount (uploads what is left), remount with an empty cache directory")
+    r.start()
+    unmount_seconds = h.stop_mount()
+    r.phase(h, "unmount")
+    h.start_mount(fresh_cache=True)
+    r.details["rss_idle_after_remount_mib"] = round(rss_bytes(h.mount.process.pid) / MiB) if h.mount else None
+    drop_caches()
+    r.start()
+    started = time.monotonic()
+    diff = run(["diff", "-r", str(local / "stdlib"), str(target / "stdlib")])
+    readback_seconds = time.monotonic() - started
+    r.phase(h, "read-back (diff -r)")
+    objects = [key for key in h.keys("tar/") if not key.endswith("/")]
+    r.details.update(files=len(members), bytes=total_bytes, extract_seconds=extract_seconds,
+                     tar_returncode=extract.returncode, tar_stderr_lines=len(tar_errors),
+                     tar_stderr_sample=tar_errors[:5], unmount_upload_seconds=unmount_seconds,
+                     readback_seconds=readback_seconds, diff_returncode=diff.returncode,
+                     diff_output_sample=(diff.stdout + diff.stderr).splitlines()[:5], s3_objects=len(objects))
+    label = f"tar -xf {len(members)} stdlib files ({total_bytes / MiB:.0f} MiB)"
+    r.row(f"{label}: extract", "files/s", rate(len(members), extract_seconds))
+    r.row(f"{label}: unmount (rest of upload)", "s", unmount_seconds, higher_is_better=False)
+    r.row(f"{label}: first read-back, diff -r (empty cache)", "files/s", rate(len(members), readback_seconds))
+    problems = []
+    mode_errors = [line for line in tar_errors if "Cannot change mode" in line]
+    if mode_errors:
+        r.notes.append(f"tar could not chmod {len(mode_errors)} executable files (EPERM: ssefs has no chmod yet)")
+    other_errors = [line for line in tar_errors if line not in mode_errors and "Exiting with failure" not in line]
+    if other_errors or (extract.returncode != 0 and not mode_errors):
+        problems.append(f"tar exited {extract.returncode}: {other_errors[:3]}")
+    if diff.returncode != 0:
+        problems.append(f"diff -r exited {diff.returncode}: {(diff.stdout + diff.stderr)[:300]}")
+    if len(objects) != len(members):
+        problems.append(f"{len(objects)} objects under tar/ for {len(members)} files")
+    h.delete_prefix("tar/")
+    shutil.rmtree(local)
+    tarball.unlink()
+    if problems:
+        raise AssertionError("; ".join(problems))
+
+
+def dir_rename(h: Harness, r: Result) -> None:
+    count = h.sizes.rename_files
+    rng = random.Random(500)
+    files = [(f"f{index:04d}", rng.randrange(1024, 8 * 1024 + 1), rng.randrange(0, CHUNK - 8192))
+             for index in range(count)]
+    source, destination = h.mountpoint / "mv_src", h.mountpoint / "mv_dst"
+    source.mkdir()
+    r.start()
+    for name, length, start in tqdm(files, desc="  setup: create", leave=False, position=1):
+        with open(source / name, "wb") as out:
+            out.write(h.block[start:start + length])
+    h.wait_for_objects("mv_src/", count)
+    r.phase(h, "setup")
+    note(f"  mv of a directory of {count} files")
+    r.start()
+    started = time.monotonic()
+    moved = run(["mv", str(source), str(destination)])
+    mv_seconds = time.monotonic() - started
+    r.phase(h, "mv")
+    uploaded = mv_seconds + h.wait_for_objects("mv_dst/", count)
+    drop_caches()
+    wrong = 0
+    for name, length, start in files:
+        try:
+            if (destination / name).read_bytes() != h.block[start:start + length]:
+                wrong += 1
+        except OSError:
+            wrong += 1
+    old_objects = [key for key in h.keys("mv_src/") if not key.endswith("/")]
+    listed = sorted(os.listdir(destination)) if destination.exists() else []
+    r.details.update(files=count, mv_seconds=mv_seconds, mv_returncode=moved.returncode,
+                     mv_stderr_sample=moved.stderr.splitlines()[:5], until_uploaded_seconds=uploaded,
+                     wrong_or_missing=wrong, source_exists=source.exists(), old_objects_left=len(old_objects))
+    r.row(f"mv dir of {count} files (EXDEV: copy+delete)", "files/s", rate(count, mv_seconds))
+    r.row(f"mv dir of {count} files, until copies in S3", "files/s", rate(count, uploaded))
+    problems = []
+    if moved.returncode != 0:
+        problems.append(f"mv exited {moved.returncode}: {moved.stderr[:300]}")
+    if wrong or len(listed) != count:
+        problems.append(f"{wrong} files wrong or missing, {len(listed)} listed under the new name")
+    if source.exists() or old_objects:
+        problems.append(f"old directory still there ({len(old_objects)} objects)")
+    for name in listed:
+        os.unlink(destination / name)
+    if destination.exists():
+        destination.rmdir()
+    if problems:
+        raise AssertionError("; ".join(problems))
+
+
+FUNCTIONS: dict[str, Callable[[Harness, Result], None]] = {
+    "seq_write": seq_write, "seq_read": seq_read, "rand_read": rand_read, "small_files": small_files,
+    "listing": listing, "tar_extract": tar_extract, "dir_rename": dir_rename,
+}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def table(results: list[Result]) -> list[list[str]]:
+    lines = [["workload", "ssefs", "limit", "ratio"]]
+    for result in results:
+        for row in result.rows:
+            limit = f"{fmt(row.limit)} {row.unit} ({row.limit_name})" if row.limit is not None else "-"
+            ratio = f"{row.ratio:.2f}" if row.ratio is not None else "-"
+            lines.append([row.metric, f"{fmt(row.ssefs)} {row.unit}", limit, ratio])
+        if result.error:
+            lines.append([f"{result.name}: ERROR", result.error[:100], "", ""])
+    return lines
+
+
+def print_table(lines: list[list[str]]) -> None:
+    widths = [max(len(line[column]) for line in lines) for column in range(4)]
+    for index, line in enumerate(lines):
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+def ssefs_revision() -> str:
+    """The git commit of the ssefs checkout, and '+dirty' if ssefs/ has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "ssefs"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+def machine() -> dict[str, Any]:
+    memory = 0
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                memory = int(line.split()[1]) * 1024
+    try:
+        weed = subprocess.run([find_weed_binary(), "version"], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        weed = f"unknown ({exc})"
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "memory_bytes": memory,
+            "python": platform.python_version(), "seaweedfs": weed}
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for workload in data["workloads"].values() for row in workload["rows"]
+            if row["limit"] is not None and row["ssefs"] is not None and row["higher_is_better"]]
+    groups = [[row for row in rows if row["unit"] == "MiB/s"], [row for row in rows if row["unit"] != "MiB/s"]]
+    groups = [group for group in groups if group]
+    if not groups:
+        return
+    figure, axes = plt.subplots(len(groups), 1, figsize=(11, 3.2 + 0.55 * len(rows)), squeeze=False)
+    for axis, group in zip(axes[:, 0], groups, strict=True):
+        labels = [f"{row['metric']}\n[{row['unit']}; limit: {row['limit_name']}]" for row in group]
+        positions = range(len(group))
+        ssefs = [row["ssefs"] for row in group]
+        limit = [row["limit"] for row in group]
+        height = 0.38
+        axis.barh([p - height / 2 for p in positions], ssefs, height, label="ssefs", color="#1f77b4")
+        axis.barh([p + height / 2 for p in positions], limit, height, label="limit", color="#bbbbbb")
+        for position, row in zip(positions, group, strict=True):
+            axis.text(row["ssefs"], position - height / 2, f" {fmt(row['ssefs'])} ({row['ratio']:.2f}x)",
+                      va="center", fontsize=7)
+            axis.text(row["limit"], position + height / 2, f" {fmt(row['limit'])}", va="center", fontsize=7)
+        axis.set_yticks(list(positions), labels, fontsize=7)
+        axis.invert_yaxis()
+        if group[0]["unit"] != "MiB/s":
+            axis.set_xscale("log")
+            axis.set_xlabel("operations per second (log scale)")
+        else:
+            axis.set_xlabel("MiB/s")
+        axis.margins(x=0.25)
+        axis.legend(loc="lower right", fontsize=8)
+    figure.suptitle("ssefs vs its limit in the same run (bench/suite.py)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (256 MiB sequential, 200 files, ...)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--plot", type=Path, help="write a PNG bar chart of the throughput rows here")
+    parser.add_argument("--only", help="comma-separated workloads: " + ",".join(WORKLOADS))
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) at the end")
+    args = parser.parse_args()
+    chosen = list(WORKLOADS)
+    if args.only:
+        chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in chosen if name not in FUNCTIONS]
+        if unknown:
+            parser.error(f"unknown workload(s) {unknown}; choose from {','.join(WORKLOADS)}")
+    if os.geteuid() != 0:
+        parser.error("needs root: it drops the page cache through /proc/sys/vm/drop_caches")
+    sizes = QUICK if args.quick else FULL
+    work = Path(tempfile.mkdtemp(prefix="ssefs-suite-"))
+    harness = Harness(work, sizes)
+    results: list[Result] = []
+    suite_started = time.monotonic()
+    revision_before = ssefs_revision()
+    setup_error = None
+    try:
+        harness.start_server()
+        harness.start_mount()
+        harness.sampler.start()
+        for name in tqdm(chosen, desc="suite", unit="workload", position=0, dynamic_ncols=True):
+            result = Result(name)
+            results.append(result)
+            harness.sampler.new_window()
+            started = time.monotonic()
+            try:
+                harness.ensure_mount()
+                FUNCTIONS[name](harness, result)
+            except Exception as exc:  # noqa: BLE001 - one failing workload must not stop the suite
+                result.error = f"{type(exc).__name__}: {exc}"
+                note(f"{name} failed: {result.error}")
+                result.details["traceback"] = traceback.format_exc()
+            result.seconds = time.monotonic() - started
+            result.rss_peak_bytes = harness.sampler.window_peak
+    except Exception as exc:  # noqa: BLE001 - report what ran before the setup broke
+        setup_error = f"{type(exc).__name__}: {exc}"
+        note(f"suite setup failed: {setup_error}")
+    finally:
+        try:
+            harness.stop_mount(timeout=600)
+        finally:
+            unmount(harness.mountpoint)
+            harness.server.stop()
+            harness.sampler.stop()
+    total = time.monotonic() - suite_started
+    revision_after = ssefs_revision()
+    if revision_after != revision_before:
+        harness.dead_daemons.append(f"ssefs changed during the run: {revision_before} -> {revision_after}")
+    data = {
+        "machine": machine(),
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "ssefs_revision": revision_before,
+        "quick": args.quick,
+        "sizes": sizes.__dict__,
+        "total_seconds": round(total, 1),
+        "rss_peak_bytes": harness.sampler.peak,
+        "setup_error": setup_error,
+        "dead_daemons": harness.dead_daemons,
+        "daemon_log_problems": harness.daemon_log_problems(),
+        "work_dir": str(work),
+        "workloads": {
+            result.name: {
+                "seconds": round(result.seconds, 2), "error": result.error, "notes": result.notes,
+                "rss_peak_bytes": result.rss_peak_bytes,
+                "details": result.details,
+                "rows": [{**row.__dict__, "ratio": row.ratio} for row in result.rows],
+            }
+            for result in results
+        },
+    }
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    if args.plot:
+        plot(data, args.plot)
+    print()
+    print_table(table(results))
+    print()
+    print(f"daemon RSS peak over the suite: {harness.sampler.peak / MiB:.0f} MiB "
+          f"(per workload: {', '.join(f'{r.name} {r.rss_peak_bytes / MiB:.0f}' for r in results)})")
+    print(f"total {total:.0f} s; " + ", ".join(f"{r.name} {r.seconds:.0f} s" for r in results))
+    for result in results:
+        for text in result.notes:
+            print(f"note ({result.name}): {text}")
+    for problem in [setup_error, *harness.dead_daemons, *data["daemon_log_problems"]]:
+        if problem:
+            print(f"problem: {problem}")
+    if args.keep or any(r.error for r in results) or setup_error:
+        print(f"work directory kept (logs): {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
