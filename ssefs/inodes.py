@@ -9,8 +9,8 @@ adds one, ``forget`` subtracts) or while files are open on it; after that it
 may be dropped and the path gets a new inode number next time.
 
 Directory listings are cached for ``attr_timeout`` seconds; a change made
-through this mount marks the listing of the directory it touched as stale
-(the stale copy still answers lookups while S3 cannot be reached).
+through this mount updates exactly the name it touched in the cached listing
+(and a listing past its time still answers lookups while S3 cannot be reached).
 This module does no I/O.
 """
 
@@ -149,10 +149,7 @@ class InodeTable:
         if node is not None:
             self._detach(node)
             self.drop_if_unused(node)
-        listing = self._listings.get(_parent(path))
-        if listing is not None:
-            listing.entries.pop(path.rsplit("/", 1)[-1], None)
-        self.invalidate_listing(_parent(path))
+        self.note_child(_parent(path), path.rsplit("/", 1)[-1], None)
         return node
 
     def move(self, node: Node, new_path: str) -> None:
@@ -165,8 +162,10 @@ class InodeTable:
         self._detach(node)
         node.path = new_path
         self._by_path[new_path] = node
-        self.invalidate_listing(_parent(old_path))
-        self.invalidate_listing(_parent(new_path))
+        self.note_child(_parent(old_path), old_path.rsplit("/", 1)[-1], None)
+        self.note_child(
+            _parent(new_path), node.name, DirectoryEntry(node.name, node.is_dir, node.size, node.mtime, node.etag)
+        )
 
     # ---------------------------------------------------------------- listings
 
@@ -182,6 +181,17 @@ class InodeTable:
     def last_listing(self, path: str) -> CachedListing | None:
         """The last listing seen, however old: the best answer while S3 cannot be reached."""
         return self._listings.get(path)
+
+    def note_child(self, parent: str, name: str, entry: DirectoryEntry | None) -> None:
+        """A change made through this mount: update exactly that name in the parent's cached
+        listing (``None`` removes it), leaving the rest of the listing as fresh as it was."""
+        listing = self._listings.get(parent)
+        if listing is None:
+            return
+        if entry is None:
+            listing.entries.pop(name, None)
+        else:
+            listing.entries[name] = entry
 
     def invalidate_listing(self, path: str) -> None:
         listing = self._listings.get(path)

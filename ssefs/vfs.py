@@ -126,7 +126,11 @@ class Filesystem:
             node.etag = entry.base_etag
             node.size = entry.size
             node.checked_at = time.monotonic()
-        self.inodes.invalidate_listing(path.rsplit("/", 1)[0] if "/" in path else "")
+        name = path.rsplit("/", 1)[-1]
+        self.inodes.note_child(
+            path.rsplit("/", 1)[0] if "/" in path else "",
+            name, DirectoryEntry(name, False, entry.size, entry.mtime, entry.base_etag),
+        )
 
     # ------------------------------------------------------------------ helpers
 
@@ -360,7 +364,7 @@ class Filesystem:
         self.cache.record_change(entry, size=0)
         fh = self._attach(node, writable=True)
         node.has_local_data = True
-        self.inodes.invalidate_listing(parent.path)
+        self.inodes.note_child(parent.path, name, DirectoryEntry(name, False, 0, node.mtime, ""))
         return fh, node
 
     async def _truncate_entry(self, node: Node, entry: Entry, size: int, *, seal: bool = False) -> None:
@@ -461,14 +465,16 @@ class Filesystem:
         name = self._valid_name(name_bytes, parent)
         path = child_path(parent.path, name)
         await self.store.put_directory_marker(self.directory_prefix(path))
-        self.inodes.invalidate_listing(parent.path)
         node = self.inodes.node_for(path, is_dir=True)
         node.mtime = time.time()
+        self.inodes.note_child(parent.path, name, DirectoryEntry(name, True, mtime=node.mtime))
+        # A new directory is empty: lookups in it need not ask S3 (tar, cp -r, git checkout).
+        self.inodes.store_listing(path, {})
         return node
 
     async def rmdir(self, parent_inode: int, name_bytes: bytes) -> None:
         self._check_writable_mount()
-        node = await self.lookup(parent_inode, name_bytes)
+        node = await self._existing_child(parent_inode, name_bytes)
         if not node.is_dir:
             raise FsError(errno.ENOTDIR)
         prefix = self.directory_prefix(node.path)
@@ -491,9 +497,22 @@ class Filesystem:
                 self.cache.drop_entry(entry)
         self._cached_files.pop(entry.id, None)
 
+    async def _existing_child(self, parent_inode: int, name_bytes: bytes) -> Node:
+        """The node the kernel just looked up (it does so before unlink, rmdir and rename),
+        without asking S3 again while what we know of it is fresh."""
+        parent = self._directory(parent_inode)
+        try:
+            path = child_path(parent.path, name_bytes.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise FsError(errno.ENOENT) from None
+        known = self.inodes.by_path(path)
+        if known is not None and (known.has_local_data or self.inodes.is_fresh(known)):
+            return known
+        return await self.lookup(parent_inode, name_bytes)
+
     async def unlink(self, parent_inode: int, name_bytes: bytes) -> None:
         self._check_writable_mount()
-        node = await self.lookup(parent_inode, name_bytes)
+        node = await self._existing_child(parent_inode, name_bytes)
         if node.is_dir:
             raise FsError(errno.EISDIR)
         open_file = self._open_files.get(node.inode)
@@ -509,7 +528,7 @@ class Filesystem:
         self._check_writable_mount()
         if flags & ~pyfuse3.RENAME_NOREPLACE:
             raise FsError(errno.EINVAL, "only RENAME_NOREPLACE is supported")
-        node = await self.lookup(old_parent, old_name)
+        node = await self._existing_child(old_parent, old_name)
         target_parent = self._directory(new_parent)
         target_name = self._valid_name(new_name, target_parent)
         target_path = child_path(target_parent.path, target_name)
