@@ -42,6 +42,7 @@ from typing import Any
 import boto3
 from botocore.config import Config as BotoConfig
 from tqdm import tqdm
+from write_rss import rss_bytes  # bench/ is on sys.path when a script here runs
 
 from ssefs.seaweed import SeaweedEndpoint, SeaweedServer, find_weed_binary
 
@@ -88,14 +89,6 @@ def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as control:
         control.write("3\n")
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class RssSampler(threading.Thread):
