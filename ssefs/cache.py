@@ -533,13 +533,28 @@ class BlockCache:
         self._space_freed.set()
         self._space_freed = trio.Event()
 
-    def evict_clean(self, needed: int) -> None:
-        """Evict least-recently-used clean blocks until ``needed`` more bytes fit."""
+    def evict_clean(self, needed: int, *, storing_for: Entry | None = None) -> None:
+        """Evict least-recently-used clean blocks until ``needed`` more bytes fit.
+
+        An entry left with nothing is forgotten, except ``storing_for``, which is
+        about to get a block.
+        """
         while self.used_bytes + needed > self.max_size and self._clean_lru:
             (entry_id, index), _ = self._clean_lru.popitem(last=False)
             entry = self._entries[entry_id]
             self._forget_block(entry, index)
             self._db.execute("DELETE FROM blocks WHERE entry_id = ? AND block_index = ?", (entry_id, index))
+            if entry is not storing_for:
+                self.drop_if_empty(entry)
+
+    def drop_if_empty(self, entry: Entry) -> None:
+        """Forget an entry that holds nothing worth keeping: no blocks, no changes, not in use.
+
+        Keeps the journal and the in-memory tables from growing with every file ever read.
+        """
+        in_use = entry.open_writers or entry.lock.locked() or entry.dirty
+        if not in_use and not self._entry_blocks.get(entry.id) and self.is_live(entry):
+            self.drop_entry(entry)
 
     async def ensure_space(self, needed: int, on_full: Callable[[], Awaitable[None]]) -> None:
         """Make room for ``needed`` bytes: evict clean blocks, else wait for uploads (backpressure).

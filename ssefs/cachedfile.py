@@ -85,7 +85,7 @@ class CachedFile:
     async def _store(self, index: int, plaintext: bytes, *, dirty: bool) -> None:
         # Never waits: callers hold the entry lock, which an upload that would
         # free space needs. Writers wait for space before taking the lock.
-        self.cache.evict_clean(BLOCK_SIZE)
+        self.cache.evict_clean(BLOCK_SIZE, storing_for=self.entry)
         self.cache.write_block(self.entry, index, plaintext, dirty=dirty)
         self._forget_plaintext(index)
         await trio.lowlevel.checkpoint()

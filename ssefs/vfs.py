@@ -444,6 +444,7 @@ class Filesystem:
             closed = self.cache.entry(self.object_key(node.path))
             if closed is not None and closed.open_writers == 0:
                 self._cached_files.pop(closed.id, None)
+                self.cache.drop_if_empty(closed)
 
     # ------------------------------------------------------------------ changes
 
@@ -456,7 +457,11 @@ class Filesystem:
             raise FsError(errno.EFBIG)
         entry = self._entry_for(node)
         unopened = entry.open_writers == 0
-        await self._truncate_entry(node, entry, size, seal=unopened)
+        entry.open_writers += 1  # in use: waiting for cache space must not let it be forgotten
+        try:
+            await self._truncate_entry(node, entry, size, seal=unopened)
+        finally:
+            entry.open_writers -= 1
         if unopened:
             self.writeback.schedule(entry)
 

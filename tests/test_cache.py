@@ -515,6 +515,7 @@ async def test_writing_more_than_max_size_with_uploads_stays_bounded(cache_dir: 
     entries: dict[str, Entry] = {}
     for name in ("a", "b", "c"):
         entries[name] = new_entry(cache, name)
+        entries[name].open_writers = 1  # open for writing, as vfs keeps them: never forgotten
         files[entries[name].id] = CachedFile(cache, entries[name], fake.fetch_range)
         models[name] = bytearray()
     for _step in range(40):
@@ -912,3 +913,21 @@ async def test_block_rewritten_within_one_write_is_not_served_from_memory(cache:
     assert await cached.read(MiB - 5, 10) == b"b" * 10
     await cached.seal_hot()
     assert await cached.read(MiB - 5, 10) == b"b" * 10
+
+
+async def test_entries_without_blocks_or_changes_are_forgotten(cache_dir: Path) -> None:
+    """The journal must not grow with every file ever read."""
+    cache = make_cache(cache_dir, max_size=2 * MiB + 4096)
+    base = random.Random(20).randbytes(MiB)
+    fake = FakeS3({f"file-{n}": base for n in range(5)})
+    for n in range(5):
+        entry = based_entry(cache, f"file-{n}", base)
+        await CachedFile(cache, entry, fake.fetch_range).read(0, MiB)
+    # Only about two blocks fit: the entries whose blocks were evicted are gone too.
+    assert len(cache.entries()) <= 3
+    assert cache.entry("file-4") is not None
+    dirty = new_entry(cache, "dirty")
+    await CachedFile(cache, dirty, fake.fetch_range).write(0, b"x")
+    cache.drop_if_empty(dirty)
+    assert cache.entry("dirty") is dirty  # changes not uploaded: kept
+    cache.close()
