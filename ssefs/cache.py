@@ -279,6 +279,9 @@ class BlockCache:
     def entry(self, object_key: str) -> Entry | None:
         return self._by_key.get(object_key)
 
+    def entry_by_id(self, entry_id: int) -> Entry | None:
+        return self._entries.get(entry_id)
+
     def is_live(self, entry: Entry) -> bool:
         """False once the entry was dropped (its file deleted or replaced)."""
         return self._entries.get(entry.id) is entry

@@ -116,7 +116,7 @@ class CachedFile:
             blocks.append(block)
         return blocks
 
-    async def _block(self, index: int, *, keep: bool = True, readahead: int = 1) -> bytes:
+    async def _block(self, index: int, *, keep: bool = True) -> bytes:
         if index == self._hot_index:
             return bytes(self._hot)
         fetching = self._inflight.get(index)
@@ -131,7 +131,8 @@ class CachedFile:
             return stored
         if index * BLOCK_SIZE >= self.entry.base_valid:
             return bytes(BLOCK_SIZE)
-        return (await self._fetch_blocks(index, max(1, readahead), keep=keep))[0]
+        # Read-ahead is prefetch()'s job; a miss here fetches just this block.
+        return (await self._fetch_blocks(index, 1, keep=keep))[0]
 
     async def _make_hot(self, index: int, *, overwrite_whole: bool) -> bytearray:
         if self._hot_index != index:
@@ -188,14 +189,14 @@ class CachedFile:
 
     # ------------------------------------------------------------------ bytes
 
-    async def read(self, offset: int, size: int, *, keep: bool = True, readahead_blocks: int = 1) -> bytes:
+    async def read(self, offset: int, size: int, *, keep: bool = True) -> bytes:
         end = min(offset + size, self.entry.size)
         pieces: list[bytes] = []
         position = offset
         while position < end:
             index, within = divmod(position, BLOCK_SIZE)
             count = min(end - position, BLOCK_SIZE - within)
-            block = await self._block(index, keep=keep, readahead=readahead_blocks)
+            block = await self._block(index, keep=keep)
             pieces.append(block[within:within + count])
             position += count
         return b"".join(pieces)

@@ -190,7 +190,7 @@ class WriteBack:
 
     async def _background_upload(self, entry_id: int) -> None:
         try:
-            entry = next((e for e in self.cache.entries() if e.id == entry_id), None)
+            entry = self.cache.entry_by_id(entry_id)
             if entry is None or not entry.dirty:
                 return
             forced = self.cache.used_bytes > self.cache.max_size * 0.9
