@@ -227,6 +227,7 @@ class Harness:
         self.mount_count = 0
         self.cache_generation = 0
         self.dead_daemons: list[str] = []
+        self.profile_dir: Path | None = None
 
     # server and client ---------------------------------------------------------------
     def start_server(self) -> None:
@@ -264,9 +265,15 @@ class Harness:
         log_path = self.work / f"ssefs{self.mount_count}.log"
         read_end, write_end = os.pipe()
         started = time.monotonic()
+        command = [sys.executable, "-m", "ssefs", "mount", str(config), str(self.mountpoint), "--ready-fd",
+                   str(write_end), "--log-file", str(log_path)]
+        if self.profile_dir is not None:
+            # Collapsed stacks (one line per stack with its sample count), all threads, idle ones too.
+            profile = self.profile_dir / f"ssefs{self.mount_count}.folded"
+            command = [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw", "--threads",
+                       "--rate", "200", "--output", str(profile), "--", *command]
         process = subprocess.Popen(
-            [sys.executable, "-m", "ssefs", "mount", str(config), str(self.mountpoint), "--ready-fd",
-             str(write_end), "--log-file", str(log_path)],
+            command,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(write_end,),
         )
         os.close(write_end)
@@ -944,6 +951,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="write a PNG bar chart of the throughput rows here")
     parser.add_argument("--only", help="comma-separated workloads: " + ",".join(WORKLOADS))
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) at the end")
+    parser.add_argument("--profile", type=Path, help="run the daemon under py-spy; collapsed stacks go in this dir")
     args = parser.parse_args()
     chosen = list(WORKLOADS)
     if args.only:
@@ -956,6 +964,9 @@ def main() -> None:
     sizes = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="ssefs-suite-"))
     harness = Harness(work, sizes)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        harness.profile_dir = args.profile.resolve()
     results: list[Result] = []
     suite_started = time.monotonic()
     revision_before = ssefs_revision()

@@ -33,8 +33,10 @@ Size bound: clean blocks are evicted least-recently-used first. Writers call
 ``ensure_space`` *before* taking ``Entry.lock`` (the uploader that frees space
 needs that lock); storing a block under the lock only evicts, never waits, so
 the bound can be exceeded by at most the blocks of writes in progress. The
-cache has no lock of its own: it runs only on the trio thread and its
-synchronous methods never await.
+cache has no lock of its own: its state changes only on the trio thread;
+worker threads do just the sealing, unsealing and file I/O of single blocks,
+and a block takes its place only after re-checking, back on the trio thread,
+that nothing changed it meanwhile.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import hmac
 import logging
 import os
 import secrets
+import shutil
 import sqlite3
 import time
 from collections import OrderedDict
@@ -115,6 +118,15 @@ def _lock_directory(directory: Path) -> IO[str]:
     lock_file.write(str(os.getpid()))
     lock_file.flush()
     return lock_file
+
+
+def _unseal_file(path: Path, cipher: AESGCM, associated_data: bytes) -> bytes:
+    """Read and decrypt one block file (in a worker thread); InvalidTag if it is not intact."""
+    sealed = path.read_bytes()
+    if not sealed.startswith(BLOCK_MAGIC):
+        raise InvalidTag
+    nonce = sealed[len(BLOCK_MAGIC):len(BLOCK_MAGIC) + NONCE_BYTES]
+    return cipher.decrypt(nonce, sealed[len(BLOCK_MAGIC) + NONCE_BYTES:], associated_data)
 
 
 class CorruptBlock(SsefsError):
@@ -325,11 +337,9 @@ class BlockCache:
         self._entries.pop(entry.id, None)
         if self._by_key.get(entry.object_key) is entry:
             del self._by_key[entry.object_key]
-        entry_dir = self.blocks_dir / str(entry.id)
-        if entry_dir.exists():
-            for leftover in entry_dir.iterdir():
-                leftover.unlink()
-            entry_dir.rmdir()
+        # A worker thread may be sealing a block into this directory right now;
+        # whatever it leaves is removed when it returns (or at the next start).
+        shutil.rmtree(self.blocks_dir / str(entry.id), ignore_errors=True)
         self._signal_space()
 
     def rename_entry(self, entry: Entry, new_key: str) -> None:
@@ -446,71 +456,96 @@ class BlockCache:
                 return True
         return False
 
-    def read_block(self, entry: Entry, index: int) -> bytes | None:
+    async def read_block(self, entry: Entry, index: int) -> bytes | None:
         """The block's plaintext (BLOCK_SIZE bytes), or None if not stored.
 
-        A clean block that fails authentication is dropped (it will be fetched
-        again); a dirty one raises ``CorruptBlock``.
+        Reading and decrypting run in a worker thread. A clean block that fails
+        authentication is dropped (it will be fetched again); a dirty one raises
+        ``CorruptBlock``.
         """
-        info = self._blocks.get((entry.id, index))
-        if info is None:
-            return None
-        try:
-            sealed = self._block_path(entry.id, index).read_bytes()
-            if not sealed.startswith(BLOCK_MAGIC):
-                raise InvalidTag
-            nonce = sealed[len(BLOCK_MAGIC):len(BLOCK_MAGIC) + NONCE_BYTES]
-            plaintext = self._cipher(entry).decrypt(
-                nonce, sealed[len(BLOCK_MAGIC) + NONCE_BYTES:], self._associated_data(entry, index)
-            )
-        except (InvalidTag, FileNotFoundError):
-            if info.write_generation > entry.uploaded_generation:
-                raise CorruptBlock(
-                    f"cached block {index} of {entry.object_key!r} (not yet uploaded) is damaged on local disk "
-                    f"({self._block_path(entry.id, index)})"
-                ) from None
-            log.warning("cached block %d of %r was damaged; fetching it again", index, entry.object_key)
-            self._forget_block(entry, index)
-            self._db.execute("DELETE FROM blocks WHERE entry_id = ? AND block_index = ?", (entry.id, index))
-            return None
-        if (entry.id, index) in self._clean_lru:
-            self._clean_lru.move_to_end((entry.id, index))
-        return plaintext
+        while True:
+            info = self._blocks.get((entry.id, index))
+            if info is None:
+                return None
+            path = self._block_path(entry.id, index)
+            try:
+                plaintext = await trio.to_thread.run_sync(
+                    _unseal_file, path, self._cipher(entry), self._associated_data(entry, index)
+                )
+            except (InvalidTag, FileNotFoundError):
+                if self._blocks.get((entry.id, index)) is not info:
+                    continue  # replaced or dropped while being read: look again
+                if info.write_generation > entry.uploaded_generation:
+                    raise CorruptBlock(
+                        f"cached block {index} of {entry.object_key!r} (not yet uploaded) is damaged on local "
+                        f"disk ({path})"
+                    ) from None
+                log.warning("cached block %d of %r was damaged; fetching it again", index, entry.object_key)
+                self._forget_block(entry, index)
+                self._db.execute("DELETE FROM blocks WHERE entry_id = ? AND block_index = ?", (entry.id, index))
+                return None
+            if self._blocks.get((entry.id, index)) is not info:
+                continue  # a newer version was stored while this one was read
+            if (entry.id, index) in self._clean_lru:
+                self._clean_lru.move_to_end((entry.id, index))
+            return plaintext
 
-    def write_block(self, entry: Entry, index: int, plaintext: bytes, *, dirty: bool) -> None:
-        """Seal and store one block. Call ``await ensure_space`` first."""
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        sealed = BLOCK_MAGIC + nonce + self._cipher(entry).encrypt(
-            nonce, plaintext, self._associated_data(entry, index)
-        )
+    async def write_block(
+        self, entry: Entry, index: int, plaintext: bytes, *, dirty: bool,
+        still_wanted: Callable[[], bool] = lambda: True,
+    ) -> bool:
+        """Seal and store one block; call ``evict_clean``/``ensure_space`` first.
+
+        Sealing and writing the file run in a worker thread; the block takes
+        its place (rename and journal row) back on the trio thread, and only
+        if the entry is still live and ``still_wanted()`` says so then (a
+        fetched block must not overwrite a write that landed meanwhile).
+        Returns whether the block was stored.
+        """
+        write_generation = entry.generation if dirty else 0
+        cipher, associated_data = self._cipher(entry), self._associated_data(entry, index)
         path = self._block_path(entry.id, index)
-        path.parent.mkdir(exist_ok=True, mode=0o700)
-        temporary = path.with_name(f".{index}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, sealed)
-        finally:
-            os.close(fd)
+
+        def seal_to_file() -> tuple[Path, int]:
+            nonce = secrets.token_bytes(NONCE_BYTES)
+            sealed = BLOCK_MAGIC + nonce + cipher.encrypt(nonce, plaintext, associated_data)
+            path.parent.mkdir(exist_ok=True, mode=0o700)
+            # Unique: a fetch and a write may seal the same block at once.
+            temporary = path.with_name(f".{index}.{secrets.token_hex(6)}.tmp")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, sealed)
+            finally:
+                os.close(fd)
+            return temporary, len(sealed)
+
+        temporary, stored_bytes = await trio.to_thread.run_sync(seal_to_file)
+        if not self.is_live(entry) or not still_wanted():
+            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                if not self.is_live(entry):
+                    path.parent.rmdir()  # recreated by the thread after the entry was dropped
+            return False
         os.replace(temporary, path)
         previous = self._blocks.get((entry.id, index))
         if previous is not None:
             self.used_bytes -= previous.stored_bytes
-        write_generation = entry.generation if dirty else 0
-        self._blocks[(entry.id, index)] = BlockInfo(len(sealed), write_generation)
+        self._blocks[(entry.id, index)] = BlockInfo(stored_bytes, write_generation)
         self._entry_blocks.setdefault(entry.id, set()).add(index)
-        self.used_bytes += len(sealed)
+        self.used_bytes += stored_bytes
         if dirty:
             self._clean_lru.pop((entry.id, index), None)
             entry.unsynced.add(index)
         else:
             self._clean_lru[(entry.id, index)] = None
         self._db.execute(
-            "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", (entry.id, index, len(sealed), write_generation)
+            "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", (entry.id, index, stored_bytes, write_generation)
         )
         if dirty:
             # Cheap (no fsync): after a crash before close, the entry's size and
             # generation then cover every block that reached the disk.
             self._save_entry(entry)
+        return True
 
     def _forget_block(self, entry: Entry, index: int) -> None:
         info = self._blocks.pop((entry.id, index), None)

@@ -14,6 +14,7 @@ that block while the GET was in flight.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -26,10 +27,13 @@ FetchRange = Callable[[str, int, int], Awaitable[bytes]]
 
 log = logging.getLogger(__name__)
 
-# Read-ahead GETs of 2 MiB, up to 16 blocks in flight per file: several GETs at
-# once are what gets a single reader near the server's parallel throughput.
-PREFETCH_BLOCKS_PER_GET = 2
-MAX_PREFETCH_IN_FLIGHT = 16
+# Read-ahead GETs of 8 MiB, aligned to 8 MiB, up to 32 blocks (four GETs) in
+# flight per file: several GETs at once are what gets a single reader near the
+# server's parallel throughput, and large aligned ranges are what servers serve
+# cheaply (SeaweedFS spends 2.6x the CPU on 1 MiB ranges as on 8 MiB ones: it
+# decrypts whole stored chunks, which multipart uploads make 8 MiB).
+PREFETCH_BLOCKS_PER_GET = 8
+MAX_PREFETCH_IN_FLIGHT = 32
 
 
 class PlaintextBlocks:
@@ -75,6 +79,10 @@ class CachedFile:
         self._fetch_range = fetch_range
         self._hot_index: int | None = None
         self._hot = bytearray()
+        # Blocks on their way from the hot block into the cache.
+        self._sealing: dict[int, bytes] = {}
+        # Fetched blocks on their way into the cache, with the generation they were fetched at.
+        self._landing: dict[int, tuple[int, bytes]] = {}
         # Blocks being fetched ahead, and an event set when each fetch ends (however it ends).
         self._inflight: dict[int, trio.Event] = {}
         # Without a shared store (tests), a private one of two blocks.
@@ -82,16 +90,32 @@ class CachedFile:
 
     # ------------------------------------------------------------------ blocks
 
-    async def _store(self, index: int, plaintext: bytes, *, dirty: bool) -> None:
-        # Never waits: callers hold the entry lock, which an upload that would
-        # free space needs. Writers wait for space before taking the lock.
+    async def _store(self, index: int, plaintext: bytes, *, dirty: bool,
+                     still_wanted: Callable[[], bool] = lambda: True) -> bool:
+        # Never waits for space: callers hold the entry lock, which an upload
+        # that would free space needs. Writers wait for space before taking the lock.
         self.cache.evict_clean(BLOCK_SIZE, storing_for=self.entry)
-        self.cache.write_block(self.entry, index, plaintext, dirty=dirty)
-        self._forget_plaintext(index)
-        await trio.lowlevel.checkpoint()
+        stored = await self.cache.write_block(self.entry, index, plaintext, dirty=dirty, still_wanted=still_wanted)
+        if stored:
+            # What was just stored is the block's current content (a dirty block
+            # is stored under the entry lock, a fetched one only if untouched);
+            # this also replaces copies remembered while it was being stored.
+            self._plaintext.put(self.entry.uid, index, self.entry.generation, plaintext)
+        return stored
 
-    async def _fetch_blocks(self, first: int, count: int, *, keep: bool) -> list[bytes]:
-        """Blocks ``first .. first+count-1`` from the base object (zeros past ``base_valid``)."""
+    def _untouched(self, index: int, generation: int) -> bool:
+        """Nothing wrote block ``index`` since ``generation`` (so a fetched copy of it is current)."""
+        return (self.entry.generation == generation and index != self._hot_index and index not in self._sealing
+                and not self.cache.has_block(self.entry, index) and self.cache.is_live(self.entry))
+
+    async def _fetch_blocks(self, first: int, count: int, *, keep: bool,
+                            fetched_hook: Callable[[], None] | None = None) -> list[bytes]:
+        """Blocks ``first .. first+count-1`` from the base object (zeros past ``base_valid``).
+
+        With ``keep``, fetched blocks are remembered in memory at once (then
+        ``fetched_hook`` runs, so waiting readers go on) and stored in the
+        cache after.
+        """
         entry = self.entry
         start = first * BLOCK_SIZE
         available = max(0, min(count * BLOCK_SIZE, entry.base_valid - start))
@@ -99,35 +123,54 @@ class CachedFile:
         generation = entry.generation
         if available and entry.base_key is not None:
             data = await self._fetch_range(entry.base_key, start, available)
-        # A write or truncate while the GET was in flight may have changed these blocks.
-        unchanged = entry.generation == generation
         data = data[:available]
         blocks = []
         for number in range(count):
             block = data[number * BLOCK_SIZE:(number + 1) * BLOCK_SIZE]
-            block += bytes(BLOCK_SIZE - len(block))
-            index = first + number
-            # Store only if no write landed in this block while the GET was in flight.
-            fetched = available > number * BLOCK_SIZE
-            untouched = not self.cache.has_block(entry, index) and index != self._hot_index
-            if keep and fetched and untouched and unchanged and self.cache.is_live(entry):
-                await self._store(index, block, dirty=False)
-                self._plaintext.put(entry.uid, index, generation, block)
+            if len(block) < BLOCK_SIZE:
+                block += bytes(BLOCK_SIZE - len(block))
             blocks.append(block)
+        # A write or truncate while the GET was in flight may have changed some of these blocks.
+        to_keep = [
+            (first + number, block) for number, block in enumerate(blocks)
+            if keep and available > number * BLOCK_SIZE and self._untouched(first + number, generation)
+        ]
+        for index, block in to_keep:
+            self._plaintext.put(entry.uid, index, generation, block)
+            self._landing[index] = (generation, block)
+        if fetched_hook is not None:
+            fetched_hook()
+        try:
+            for index, block in to_keep:
+                still_current = functools.partial(self._untouched, index, generation)
+                await self._store(index, block, dirty=False, still_wanted=still_current)
+                self._landing.pop(index, None)
+        finally:
+            for index, _block in to_keep:
+                self._landing.pop(index, None)
         return blocks
 
     async def _block(self, index: int, *, keep: bool = True) -> bytes:
         if index == self._hot_index:
             return bytes(self._hot)
+        sealing = self._sealing.get(index)
+        if sealing is not None:
+            return sealing
         fetching = self._inflight.get(index)
         if fetching is not None:
             await fetching.wait()
-        remembered = self._plaintext.get(self.entry.uid, index, self.entry.generation)
+        landing = self._landing.get(index)
+        if landing is not None and landing[0] == self.entry.generation:
+            return landing[1]
+        # Tagged with the generation from before any wait below: a copy that a
+        # write made stale meanwhile is then never served.
+        generation = self.entry.generation
+        remembered = self._plaintext.get(self.entry.uid, index, generation)
         if remembered is not None:
             return remembered
-        stored = self.cache.read_block(self.entry, index)
+        stored = await self.cache.read_block(self.entry, index)
         if stored is not None:
-            self._plaintext.put(self.entry.uid, index, self.entry.generation, stored)
+            self._plaintext.put(self.entry.uid, index, generation, stored)
             return stored
         if index * BLOCK_SIZE >= self.entry.base_valid:
             return bytes(BLOCK_SIZE)
@@ -153,39 +196,54 @@ class CachedFile:
             return
         index, content = self._hot_index, bytes(self._hot)
         self._hot_index, self._hot = None, bytearray()
-        await self._store(index, content, dirty=True)
+        # Readers see the block here until it is in the cache.
+        self._sealing[index] = content
+        try:
+            await self._store(index, content, dirty=True)
+        finally:
+            del self._sealing[index]
 
     def prefetch(self, first: int, count: int, nursery: trio.Nursery) -> None:
         """Start fetching blocks ``first..first+count-1`` in the background, several GETs at once.
 
-        Blocks already cached, being fetched, or past ``base_valid`` are skipped;
-        at most ``MAX_PREFETCH_IN_FLIGHT`` blocks per file are in flight.
+        GETs cover aligned groups of ``PREFETCH_BLOCKS_PER_GET`` blocks (a run
+        started inside a group extends to its end), skipping blocks already
+        cached, being fetched, or past ``base_valid``; at most
+        ``MAX_PREFETCH_IN_FLIGHT`` blocks per file are in flight.
         """
-        end = min(first + count, (self.entry.base_valid + BLOCK_SIZE - 1) // BLOCK_SIZE)
+        last_block = (self.entry.base_valid + BLOCK_SIZE - 1) // BLOCK_SIZE
+        end = min(first + count, last_block)
         index = first
         while index < end and len(self._inflight) < MAX_PREFETCH_IN_FLIGHT:
-            if self.cache.has_block(self.entry, index) or index in self._inflight or index == self._hot_index:
+            if not self._wants_fetch(index):
                 index += 1
                 continue
+            group_end = min((index // PREFETCH_BLOCKS_PER_GET + 1) * PREFETCH_BLOCKS_PER_GET, last_block)
             run = 1
-            while (run < PREFETCH_BLOCKS_PER_GET and index + run < end and index + run not in self._inflight
-                   and not self.cache.has_block(self.entry, index + run)):
+            while index + run < group_end and self._wants_fetch(index + run):
                 run += 1
             events = {number: trio.Event() for number in range(index, index + run)}
             self._inflight.update(events)
             nursery.start_soon(self._prefetch_run, index, run, events)
             index += run
 
+    def _wants_fetch(self, index: int) -> bool:
+        return not (self.cache.has_block(self.entry, index) or index in self._inflight or index == self._hot_index
+                    or index in self._sealing or index in self._landing)
+
     async def _prefetch_run(self, first: int, count: int, events: dict[int, trio.Event]) -> None:
-        try:
-            await self._fetch_blocks(first, count, keep=True)
-        except Exception as error:  # noqa: BLE001 - a failed prefetch only means the read fetches itself
-            log.debug("prefetch of blocks %d+%d of %r failed: %s", first, count, self.entry.object_key, error)
-        finally:
+        def release_readers() -> None:
             for index, event in events.items():
                 if self._inflight.get(index) is event:
                     del self._inflight[index]
                 event.set()
+
+        try:
+            await self._fetch_blocks(first, count, keep=True, fetched_hook=release_readers)
+        except Exception as error:  # noqa: BLE001 - a failed prefetch only means the read fetches itself
+            log.debug("prefetch of blocks %d+%d of %r failed: %s", first, count, self.entry.object_key, error)
+        finally:
+            release_readers()
 
     # ------------------------------------------------------------------ bytes
 

@@ -3,19 +3,19 @@
 A reader that keeps asking for the byte after the last one it got is reading
 sequentially; for it the filesystem fetches a window of blocks ahead in the
 background (several GETs in flight), starting at one block (1 MiB) and
-doubling up to 24. Any jump resets the window to one block, so random reads
+doubling up to 32. Any jump resets the window to one block, so random reads
 fetch only the block they touch.
 """
 
 from __future__ import annotations
 
 # Start at one block (a random reader pays for no more); double while the
-# reader stays sequential, up to 24 MiB ahead: enough for the parallel
-# read-ahead GETs to keep the line busy, and less than the 48 blocks the
-# filesystem keeps in memory, so what was fetched ahead is still there. Fetched blocks land in the disk cache,
-# whose size bound also bounds read-ahead.
+# reader stays sequential, up to 32 MiB ahead: enough for four parallel 8 MiB
+# read-ahead GETs to keep the line busy, and half the 64 blocks the filesystem
+# keeps in memory, so what was fetched ahead is still there when read. Fetched
+# blocks also land in the disk cache, whose size bound also bounds read-ahead.
 MIN_WINDOW_BLOCKS = 1
-MAX_WINDOW_BLOCKS = 24
+MAX_WINDOW_BLOCKS = 32
 # The kernel's own read-ahead sends several requests at once, and they may
 # arrive out of order: a read this close to where the last one ended still
 # counts as sequential.

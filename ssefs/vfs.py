@@ -83,9 +83,9 @@ class Filesystem:
         )
         # The CachedFile of each entry that is open; other entries get a fresh one per use.
         self._cached_files: dict[int, CachedFile] = {}
-        # 48 MiB in all: more than one read-ahead window (24 blocks), so blocks fetched ahead are
+        # 64 MiB in all: twice a read-ahead window (32 blocks), so blocks fetched ahead are
         # still in memory when the reader gets to them.
-        self.plaintext_blocks = PlaintextBlocks(max_blocks=48)
+        self.plaintext_blocks = PlaintextBlocks(max_blocks=64)
         self._open_files: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = count(1)
