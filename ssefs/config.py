@@ -114,6 +114,10 @@ class MountSettings:
     # again. Short, because other clients may change a shared bucket.
     attr_timeout: float = 1.0
     skip_key_check: bool = False
+    # The kernel's read-ahead for this mount: how far ahead of a sequential
+    # reader it asks, and so how large its read requests get (up to 1 MiB).
+    # Linux gives FUSE mounts 128 KiB, which caps requests at 128 KiB.
+    read_ahead: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -313,7 +317,10 @@ def _build(config_path: Path, document: dict[str, Any]) -> Config:
         read_only=mount.get("read_only", bool, False),
         attr_timeout=_positive_float(mount, "attr_timeout", defaults.attr_timeout, allow_zero=True),
         skip_key_check=mount.get("skip_key_check", bool, False),
+        read_ahead=parse_size(mount.get("read_ahead", (str, int), "4MiB"), what="[mount] read_ahead"),
     )
+    if mount_settings.read_ahead > 1024 * 1024 * 1024:
+        raise ConfigError("[mount] read_ahead must be at most 1GiB")
     mount.check_unknown()
     return Config(config_path, name, s3_settings, key_source, cache_settings, mount_settings)
 

@@ -156,14 +156,15 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=await self.fs.open(inode, flags))
+        fh, keep_cache = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     @translated
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         fh, node = await self.fs.create(parent_inode, name)
-        return pyfuse3.FileInfo(fh=fh), self._entry(node)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
 
     @translated
     async def read(self, fh: int, off: int, size: int) -> bytes:

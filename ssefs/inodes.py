@@ -42,6 +42,9 @@ class Node:
     # True while the local staged copy is authoritative (written, not yet
     # uploaded): listings must not overwrite its size and mtime.
     has_local_data: bool = False
+    # Another client changed the object since the kernel last cached its pages:
+    # the next open tells the kernel to drop them (keep_cache off once).
+    page_cache_stale: bool = False
 
     @property
     def name(self) -> str:
@@ -114,6 +117,8 @@ class InodeTable:
     def update_from_entry(self, node: Node, entry: DirectoryEntry) -> None:
         if node.has_local_data:
             return
+        if node.etag and entry.etag != node.etag:
+            node.page_cache_stale = True
         node.size, node.etag = entry.size, entry.etag
         if entry.mtime or not node.mtime:
             node.mtime = entry.mtime

@@ -263,7 +263,6 @@ class ObjectStore:
         """Read ``length`` bytes at ``offset`` (fewer at the end of the object)."""
         if length <= 0:
             return b""
-        log.warning("EXPGET %s %d %d", object_key, offset, length)
 
         def fetch() -> bytes:
             response = self._client.get_object(

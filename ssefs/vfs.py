@@ -334,7 +334,12 @@ class Filesystem:
         self._handles[fh] = Handle(open_file, entry)
         return fh
 
-    async def open(self, inode: int, flags: int) -> int:
+    async def open(self, inode: int, flags: int) -> tuple[int, bool]:
+        """A handle, and whether the kernel may keep the pages it cached for this file.
+
+        It may unless another client changed the object since (our own writes
+        go through the kernel's cache, so they never make it stale).
+        """
         node = self._node(inode)
         if node.is_dir:
             raise FsError(errno.EISDIR)
@@ -346,7 +351,9 @@ class Filesystem:
             entry = self._handles[fh].entry
             assert entry is not None
             await self._truncate_entry(node, entry, 0)
-        return fh
+        keep_cache = not node.page_cache_stale
+        node.page_cache_stale = False
+        return fh, keep_cache
 
     async def create(self, parent_inode: int, name_bytes: bytes) -> tuple[int, Node]:
         self._check_writable_mount()

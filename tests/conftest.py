@@ -136,7 +136,8 @@ def ssefs_command(*args: str) -> list[str]:
 
 
 def is_mounted(mountpoint: Path) -> bool:
-    target = str(mountpoint)
+    # mountinfo writes a space in a path as \040 (tab, newline, backslash likewise).
+    target = str(mountpoint).replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
     with open("/proc/self/mountinfo") as mountinfo:
         return any(line.split()[4] == target for line in mountinfo)
 

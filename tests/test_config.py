@@ -101,6 +101,7 @@ def test_minimal_config_loads_with_defaults(tmp_path: Path) -> None:
     assert config.mount.read_only is False
     assert config.mount.attr_timeout == 1.0
     assert config.mount.skip_key_check is False
+    assert config.mount.read_ahead == 4 * 1024 * 1024
 
 
 def test_config_name_is_the_file_stem(tmp_path: Path) -> None:
@@ -428,6 +429,13 @@ def test_timeouts_must_be_positive(tmp_path: Path, setting: str) -> None:
 def test_attr_timeout_may_be_zero_but_not_negative(tmp_path: Path) -> None:
     assert config_with(tmp_path, extra="[mount]\nattr_timeout = 0.0").mount.attr_timeout == 0.0
     assert "attr_timeout" in refused(tmp_path, extra="[mount]\nattr_timeout = -0.5")
+
+
+def test_read_ahead_is_a_size_up_to_1gib(tmp_path: Path) -> None:
+    assert config_with(tmp_path, extra='[mount]\nread_ahead = "16MiB"').mount.read_ahead == 16 * 1024 * 1024
+    assert config_with(tmp_path, extra="[mount]\nread_ahead = 0").mount.read_ahead == 0
+    assert "read_ahead" in refused(tmp_path, extra='[mount]\nread_ahead = "2GiB"')
+    assert "read_ahead" in refused(tmp_path, extra='[mount]\nread_ahead = "lots"')
 
 
 def test_addressing_style_checked(tmp_path: Path) -> None:
