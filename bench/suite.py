@@ -710,7 +710,7 @@ def small_files(h: Harness, r: Result) -> None:
         # Wait until all are in S3.
         r.start()
         uploaded = phases[f"{who} create"] + h.wait_for_objects(prefix, count)
-        r.phase(h, f"{who} wait for uploads")
+        r.phase(h, "wait for uploads" if who == "ssefs" else f"{who} wait for uploads")
         drop_caches()
         timed(f"{who} stat", stat)
         drop_caches()

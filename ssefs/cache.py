@@ -65,6 +65,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import ConfigError, SsefsError
 from .keys import SseKey
+from .metadata import NO_ATTRIBUTES, FileAttributes
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,10 @@ CREATE TABLE IF NOT EXISTS entries (
     size INTEGER NOT NULL,
     mtime REAL NOT NULL,
     generation INTEGER NOT NULL,
-    uploaded_generation INTEGER NOT NULL
+    uploaded_generation INTEGER NOT NULL,
+    file_mode INTEGER,
+    file_uid INTEGER,
+    file_gid INTEGER
 );
 CREATE TABLE IF NOT EXISTS blocks (
     entry_id INTEGER NOT NULL,
@@ -155,6 +159,19 @@ class Entry:
     # Block files written since the last sync, to fsync on the next one.
     unsynced: set[int] = field(default_factory=set, repr=False, compare=False)
     open_writers: int = 0
+    # Mode, owner and group to upload with the data (the time is ``mtime``).
+    owner_mode: int | None = None
+    owner_uid: int | None = None
+    owner_gid: int | None = None
+
+    @property
+    def attributes(self) -> FileAttributes:
+        return FileAttributes(self.owner_mode, self.owner_uid, self.owner_gid, self.mtime)
+
+    def set_attributes(self, attributes: FileAttributes) -> None:
+        self.owner_mode, self.owner_uid, self.owner_gid = attributes.mode, attributes.uid, attributes.gid
+        if attributes.mtime is not None:
+            self.mtime = attributes.mtime
 
     @property
     def dirty(self) -> bool:
@@ -190,6 +207,7 @@ class BlockCache:
         # with FULL, which fsyncs the write-ahead log and with it every earlier commit.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
         try:
             self._check_identity(identity, key_check)
         except BaseException:
@@ -207,6 +225,13 @@ class BlockCache:
         self._load()
 
     # ------------------------------------------------------------------ start-up
+
+    def _add_missing_columns(self) -> None:
+        """Caches written before file attributes were kept get the columns (empty)."""
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
+        for column in ("file_mode", "file_uid", "file_gid"):
+            if column not in present:
+                self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} INTEGER")
 
     def _check_identity(self, identity: str, key_check: str) -> None:
         stored = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
@@ -233,9 +258,10 @@ class BlockCache:
     def _load(self) -> None:
         for row in self._db.execute(
             "SELECT id, uid, object_key, base_key, base_etag, base_valid, size, mtime, generation, "
-            "uploaded_generation FROM entries"
+            "uploaded_generation, file_mode, file_uid, file_gid FROM entries"
         ):
-            entry = Entry(*row)
+            entry = Entry(*row[:10])
+            entry.owner_mode, entry.owner_uid, entry.owner_gid = row[10:]
             self._entries[entry.id] = entry
             self._by_key[entry.object_key] = entry
         for entry_id, index, stored_bytes, write_generation in self._db.execute(
@@ -305,7 +331,8 @@ class BlockCache:
         return [entry for entry in self._entries.values() if entry.dirty]
 
     def create_entry(
-        self, object_key: str, *, base_etag: str, base_size: int, mtime: float, exists_in_s3: bool
+        self, object_key: str, *, base_etag: str, base_size: int, mtime: float, exists_in_s3: bool,
+        attributes: FileAttributes = NO_ATTRIBUTES,
     ) -> Entry:
         """A new entry for ``object_key`` whose unstored bytes come from the object as it is now."""
         if object_key in self._by_key:
@@ -322,8 +349,10 @@ class BlockCache:
         entry_id = cursor.lastrowid
         assert entry_id is not None
         entry = Entry(entry_id, uid, object_key, base_key, base_etag, base_valid, base_size, mtime)
+        entry.owner_mode, entry.owner_uid, entry.owner_gid = attributes.mode, attributes.uid, attributes.gid
         self._entries[entry.id] = entry
         self._by_key[object_key] = entry
+        self._save_entry(entry)
         return entry
 
     def drop_entry(self, entry: Entry) -> None:
@@ -351,6 +380,19 @@ class BlockCache:
         del self._by_key[entry.object_key]
         entry.object_key = new_key
         self._by_key[new_key] = entry
+
+    def save(self, entry: Entry) -> None:
+        """Record the entry's state (no fsync)."""
+        self._save_entry(entry)
+
+    def change_attributes(self, entry: Entry, attributes: FileAttributes) -> None:
+        """New mode, owner or time for a file whose data is not uploaded yet: they go with the upload.
+
+        A change of attributes alone is a change to upload, like a write.
+        """
+        entry.set_attributes(attributes)
+        entry.generation += 1
+        self._save_entry(entry, durable=True)
 
     def record_change(self, entry: Entry, *, size: int | None = None) -> None:
         """Note a write or truncate in memory; ``sync`` makes it durable."""
@@ -392,9 +434,10 @@ class BlockCache:
         try:
             self._db.execute(
                 "UPDATE entries SET base_key = ?, base_etag = ?, base_valid = ?, size = ?, mtime = ?, "
-                "generation = ?, uploaded_generation = ? WHERE id = ?",
+                "generation = ?, uploaded_generation = ?, file_mode = ?, file_uid = ?, file_gid = ? WHERE id = ?",
                 (entry.base_key, entry.base_etag, entry.base_valid, entry.size, entry.mtime,
-                 entry.generation, entry.uploaded_generation, entry.id),
+                 entry.generation, entry.uploaded_generation, entry.owner_mode, entry.owner_uid, entry.owner_gid,
+                 entry.id),
             )
         finally:
             if durable:

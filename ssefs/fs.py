@@ -112,20 +112,15 @@ class Operations(pyfuse3.Operations):
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
         fh: int | None, ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        node = await self.fs.getattr(inode)
-        if fields.update_mode or fields.update_uid or fields.update_gid:
-            current = self.fs.attributes(node)
-            unchanged = (
-                (not fields.update_mode or attr.st_mode & 0o7777 == current.st_mode & 0o7777)
-                and (not fields.update_uid or attr.st_uid == current.st_uid)
-                and (not fields.update_gid or attr.st_gid == current.st_gid)
-            )
-            if not unchanged:
-                raise FsError(errno.EPERM, "changing mode or owner is not supported yet")
         if fields.update_size:
             await self.fs.truncate(inode, attr.st_size, fh)
-        if fields.update_mtime:
-            node.mtime = attr.st_mtime_ns / 1e9
+        node = await self.fs.change_attributes(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            mtime=attr.st_mtime_ns / 1e9 if fields.update_mtime else None,
+        )
         return self.fs.attributes(node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -163,7 +158,7 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, node = await self.fs.create(parent_inode, name)
+        fh, node = await self.fs.create(parent_inode, name, mode=mode, uid=ctx.uid, gid=ctx.gid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
 
     @translated

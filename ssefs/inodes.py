@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
+from .metadata import FileAttributes
+
 ROOT_INODE: int = pyfuse3.ROOT_INODE
 
 
@@ -42,6 +44,10 @@ class Node:
     # True while the local staged copy is authoritative (written, not yet
     # uploaded): listings must not overwrite its size and mtime.
     has_local_data: bool = False
+    # Mode (with type bits), owner and group stored with the object; None: the mount's defaults.
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
     # Another client changed the object since the kernel last cached its pages:
     # the next open tells the kernel to drop them (keep_cache off once).
     page_cache_stale: bool = False
@@ -64,6 +70,8 @@ class DirectoryEntry:
     size: int = 0
     mtime: float = 0.0
     etag: str = ""
+    # From the object's user metadata (or the metadata index); None until known.
+    attributes: FileAttributes | None = None
 
 
 @dataclass
@@ -122,7 +130,19 @@ class InodeTable:
         node.size, node.etag = entry.size, entry.etag
         if entry.mtime or not node.mtime:
             node.mtime = entry.mtime
+        if entry.attributes is not None:
+            self.apply_attributes(node, entry.attributes)
         node.checked_at = time.monotonic()
+
+    @staticmethod
+    def apply_attributes(node: Node, attributes: FileAttributes) -> None:
+        node.mode, node.uid, node.gid = attributes.mode, attributes.uid, attributes.gid
+        if attributes.mtime is not None:
+            node.mtime = attributes.mtime
+
+    @staticmethod
+    def attributes_of(node: Node) -> FileAttributes:
+        return FileAttributes(node.mode, node.uid, node.gid, node.mtime)
 
     def is_fresh(self, node: Node) -> bool:
         return time.monotonic() - node.checked_at < self.ttl
@@ -168,9 +188,11 @@ class InodeTable:
         node.path = new_path
         self._by_path[new_path] = node
         self.note_child(_parent(old_path), old_path.rsplit("/", 1)[-1], None)
-        self.note_child(
-            _parent(new_path), node.name, DirectoryEntry(node.name, node.is_dir, node.size, node.mtime, node.etag)
-        )
+        self.note_child(_parent(new_path), node.name, self.directory_entry(node))
+
+    def directory_entry(self, node: Node) -> DirectoryEntry:
+        """The node as its parent's listing would show it."""
+        return DirectoryEntry(node.name, node.is_dir, node.size, node.mtime, node.etag, self.attributes_of(node))
 
     # ---------------------------------------------------------------- listings
 
@@ -211,16 +233,19 @@ class InodeTable:
         attrs.generation = 0
         attrs.entry_timeout = self.ttl
         attrs.attr_timeout = self.ttl
+        kind = stat.S_IFDIR if node.is_dir else stat.S_IFREG
+        if node.mode is not None and stat.S_IFMT(node.mode) == kind:
+            attrs.st_mode = node.mode
+        else:
+            attrs.st_mode = kind | (dir_mode if node.is_dir else file_mode)
         if node.is_dir:
-            attrs.st_mode = stat.S_IFDIR | dir_mode
             attrs.st_nlink = 2
             attrs.st_size = 0
         else:
-            attrs.st_mode = stat.S_IFREG | file_mode
             attrs.st_nlink = 1
             attrs.st_size = node.size
-        attrs.st_uid = uid
-        attrs.st_gid = gid
+        attrs.st_uid = uid if node.uid is None else node.uid
+        attrs.st_gid = gid if node.gid is None else node.gid
         mtime_ns = int(node.mtime * 1e9)
         attrs.st_mtime_ns = attrs.st_ctime_ns = attrs.st_atime_ns = mtime_ns
         attrs.st_blksize = 512 * 1024

@@ -447,24 +447,28 @@ class ObjectStore:
             ),
         )
 
-    async def copy(self, source_key: str, target_key: str) -> None:
-        """Server-side copy under the same key; metadata is carried over explicitly.
+    async def copy(self, source_key: str, target_key: str, metadata: dict[str, str] | None = None) -> str:
+        """Server-side copy under the same key; returns the new object's ETag.
 
-        ``MetadataDirective=REPLACE`` with the source's metadata works on AWS and on
-        SeaweedFS alike (SeaweedFS refuses COPY when source and target coincide).
+        Metadata is always given explicitly (``MetadataDirective=REPLACE``): the
+        source's own, or ``metadata``. That works on AWS and on SeaweedFS alike
+        (SeaweedFS refuses COPY when source and target coincide), and with
+        ``source_key == target_key`` it rewrites an object's metadata in place.
         """
-        source = await self.head(source_key)
+        if metadata is None:
+            metadata = (await self.head(source_key)).metadata
         response = await self._call(
             "CopyObject",
             source_key,
             functools.partial(
                 self._client.copy_object, Bucket=self.bucket, Key=target_key,
                 CopySource={"Bucket": self.bucket, "Key": source_key},
-                MetadataDirective="REPLACE", Metadata=source.metadata,
+                MetadataDirective="REPLACE", Metadata=metadata,
                 **self._sse, **self._copy_source_sse,
             ),
         )
         self._check_echo("CopyObject", target_key, response, required=False)
+        return str(response.get("CopyObjectResult", {}).get("ETag", "")).strip('"')
 
     async def delete(self, object_key: str) -> None:
         await self._call(

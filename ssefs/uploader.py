@@ -32,6 +32,7 @@ from .cache import BLOCK_SIZE, BlockCache, Entry
 from .cachedfile import CachedFile
 from .config import MAX_PART_SIZE, MiB, S3Settings
 from .errors import SsefsError, unwrap_group
+from .metadata import to_metadata
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,8 @@ class WriteBack:
                 return entry.base_key
 
             etag = await upload_object(
-                self.store, self.settings, entry.object_key, size, read, copy_source=unchanged_in_base
+                self.store, self.settings, entry.object_key, size, read,
+                metadata=to_metadata(entry.attributes), copy_source=unchanged_in_base,
             )
             self.uploaded_files += 1
             self.uploaded_bytes += size

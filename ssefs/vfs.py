@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from itertools import count
@@ -33,6 +34,7 @@ from .cachedfile import CachedFile, PlaintextBlocks
 from .config import MAX_PART_SIZE, Config
 from .errors import NoSuchObject, ServerUnavailable, SsefsError
 from .inodes import ROOT_INODE, DirectoryEntry, InodeTable, Node, child_path
+from .metadata import FileAttributes, MetadataIndex, from_metadata, to_metadata
 from .readahead import SequentialReader
 from .store import ObjectStore
 from .uploader import WriteBack
@@ -77,6 +79,7 @@ class Filesystem:
         self.cache = cache
         self.prefix = config.key_prefix
         self.inodes = InodeTable(ttl=config.mount.attr_timeout)
+        self.metadata = MetadataIndex(cache.directory)
         self.writeback = WriteBack(
             cache, store, config.s3, delay=config.cache.writeback_delay, cached_file=self.cached_file,
             on_uploaded=self._uploaded,
@@ -122,6 +125,7 @@ class Filesystem:
         """The write-back queue stored ``entry`` in S3: S3's view of it is current again."""
         path = entry.object_key[len(self.prefix):]
         node = self.inodes.by_path(path)
+        self.metadata.put(entry.object_key, entry.base_etag, entry.attributes)
         if node is not None and not entry.dirty:
             node.has_local_data = False
             node.etag = entry.base_etag
@@ -130,7 +134,7 @@ class Filesystem:
         name = path.rsplit("/", 1)[-1]
         self.inodes.note_child(
             path.rsplit("/", 1)[0] if "/" in path else "",
-            name, DirectoryEntry(name, False, entry.size, entry.mtime, entry.base_etag),
+            name, DirectoryEntry(name, False, entry.size, entry.mtime, entry.base_etag, entry.attributes),
         )
 
     # ------------------------------------------------------------------ helpers
@@ -186,6 +190,7 @@ class Filesystem:
         if entry is None or not entry.dirty:
             return None
         node = self.inodes.node_for(path, is_dir=False)
+        self.inodes.apply_attributes(node, entry.attributes)
         node.size, node.mtime, node.has_local_data = entry.size, entry.mtime, True
         return node
 
@@ -241,7 +246,9 @@ class Filesystem:
         if found is None:
             raise FsError(errno.ENOENT)
         node = self.inodes.node_for(path, is_dir=False)
-        self._apply(node, DirectoryEntry(name, False, found.size, found.mtime, found.etag))
+        listed = DirectoryEntry(name, False, found.size, found.mtime, found.etag)
+        await self._fill_attributes(self.directory_prefix(parent.path), [listed])
+        self._apply(node, listed)
         return node
 
     async def getattr(self, inode: int) -> Node:
@@ -260,6 +267,7 @@ class Filesystem:
             if found is None or found.key != self.object_key(node.path):
                 raise FsError(errno.ENOENT)
             listed = DirectoryEntry(node.name, False, found.size, found.mtime, found.etag)
+            await self._fill_attributes(self.directory_prefix(node.parent_path), [listed])
         self._apply(node, listed)
         return node
 
@@ -299,7 +307,39 @@ class Filesystem:
             # S3 keeps no time for a prefix: directories show the mount's start time.
             if _showable(name):
                 entries[name] = DirectoryEntry(name, True, mtime=self.started_at)
+        await self._fill_attributes(self.directory_prefix(path), [e for e in entries.values() if not e.is_dir])
         return entries
+
+    async def _fill_attributes(self, prefix: str, files: list[DirectoryEntry]) -> None:
+        """Give listed files their stored mode, owner and time: from the metadata index while the
+        ETag is the one it knows, else by keyed HEADs, many at once."""
+        missing = []
+        for listed in files:
+            known = self.metadata.get(prefix + listed.name, listed.etag)
+            if known is not None:
+                listed.attributes = known
+            else:
+                missing.append(listed)
+        if not missing:
+            return
+        learned: list[tuple[str, str, FileAttributes]] = []
+
+        async def head(listed: DirectoryEntry) -> None:
+            try:
+                info = await self.store.head(prefix + listed.name)
+            except SsefsError as error:
+                # E.g. an object under another key: it lists with the mount's defaults.
+                log.debug("no attributes for %r: %s", prefix + listed.name, error)
+                return
+            listed.attributes = from_metadata(info.metadata)
+            learned.append((prefix + listed.name, info.etag, listed.attributes))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for listed in missing:
+                    nursery.start_soon(head, listed)
+        finally:
+            self.metadata.put_many(learned)
 
     # ------------------------------------------------------------------ open files
 
@@ -316,7 +356,7 @@ class Filesystem:
         if entry is None:
             entry = self.cache.create_entry(
                 object_key, base_etag=node.etag, base_size=node.size, mtime=node.mtime,
-                exists_in_s3=bool(node.etag),
+                exists_in_s3=bool(node.etag), attributes=self.inodes.attributes_of(node),
             )
         return entry
 
@@ -355,7 +395,10 @@ class Filesystem:
         node.page_cache_stale = False
         return fh, keep_cache
 
-    async def create(self, parent_inode: int, name_bytes: bytes) -> tuple[int, Node]:
+    async def create(
+        self, parent_inode: int, name_bytes: bytes, *, mode: int, uid: int, gid: int
+    ) -> tuple[int, Node]:
+        """A new, empty, open file owned by the creator, with the mode it asked for."""
         self._check_writable_mount()
         parent = self._directory(parent_inode)
         name = self._valid_name(name_bytes, parent)
@@ -366,14 +409,57 @@ class Filesystem:
         object_key = self.object_key(path)
         node = self.inodes.node_for(path, is_dir=False)
         node.size, node.etag, node.mtime = 0, "", time.time()
+        node.mode, node.uid, node.gid = stat.S_IFREG | (mode & 0o7777), uid, gid
         # A new file replaces whatever the cache held for this name; S3's copy (if any)
         # is overwritten by the upload.
-        entry = self.cache.create_entry(object_key, base_etag="", base_size=0, mtime=node.mtime, exists_in_s3=False)
+        entry = self.cache.create_entry(
+            object_key, base_etag="", base_size=0, mtime=node.mtime, exists_in_s3=False,
+            attributes=self.inodes.attributes_of(node),
+        )
         self.cache.record_change(entry, size=0)
         fh = self._attach(node, writable=True)
         node.has_local_data = True
-        self.inodes.note_child(parent.path, name, DirectoryEntry(name, False, 0, node.mtime, ""))
+        self.inodes.note_child(parent.path, name, self.inodes.directory_entry(node))
         return fh, node
+
+    async def change_attributes(
+        self, inode: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+        mtime: float | None = None,
+    ) -> Node:
+        """chmod, chown, utimens: stored in the object's metadata.
+
+        A file with changes not yet uploaded takes them along with its upload; a
+        file as it is in S3 gets them by a server-side copy onto itself (no
+        data through this machine). Directories keep them for this mount only:
+        S3 has no object to hold them (and SeaweedFS drops a marker's metadata).
+        """
+        self._check_writable_mount()
+        node = await self.getattr(inode)
+        current = self.inodes.attributes_of(node)
+        if mode is not None:
+            mode = stat.S_IFMT(current.mode or (stat.S_IFDIR if node.is_dir else stat.S_IFREG)) | (mode & 0o7777)
+        wanted = current.with_changes(mode=mode, uid=uid, gid=gid, mtime=mtime)
+        if node.is_dir or wanted == current:
+            self.inodes.apply_attributes(node, wanted)
+            return node
+        object_key = self.object_key(node.path)
+        entry = self.cache.entry(object_key)
+        if entry is not None and (entry.dirty or not node.etag):
+            async with entry.lock:
+                self.cache.change_attributes(entry, wanted)
+            if not entry.open_writers:
+                self.writeback.schedule(entry)
+        else:
+            etag = await self.store.copy(object_key, object_key, to_metadata(wanted))
+            self.metadata.put(object_key, etag, wanted)
+            node.etag = etag
+            if entry is not None:
+                entry.set_attributes(wanted)
+                entry.base_etag = etag
+                self.cache.save(entry)
+        self.inodes.apply_attributes(node, wanted)
+        self.inodes.note_child(node.parent_path, node.name, self.inodes.directory_entry(node))
+        return node
 
     async def _truncate_entry(self, node: Node, entry: Entry, size: int, *, seal: bool = False) -> None:
         """Truncate under the entry lock; ``seal`` makes it durable at once (no handle will close it)."""
@@ -533,6 +619,7 @@ class Filesystem:
             open_file.unlinked = True
         await self._discard_entry(self.object_key(node.path))
         await self.store.delete(self.object_key(node.path))
+        self.metadata.forget(self.object_key(node.path))
         self.inodes.remove_path(node.path)
 
     async def rename(
@@ -574,14 +661,18 @@ class Filesystem:
         else:
             if node.size > MAX_PART_SIZE:
                 raise FsError(errno.EXDEV)  # CopyObject stops at 5 GiB; mv falls back to copying
-            await self.store.copy(old_key, new_key)
+            attributes = self.inodes.attributes_of(node)
+            etag = await self.store.copy(old_key, new_key, to_metadata(attributes))
             await self._discard_entry(old_key)
             await self._discard_entry(new_key)
+            self.metadata.put(new_key, etag, attributes)
+            node.etag = etag
             self.inodes.move(node, target_path)
         try:
             await self.store.delete(old_key)
         except NoSuchObject:
             pass
+        self.metadata.forget(old_key)
 
     def statfs(self) -> pyfuse3.StatvfsData:
         stats = pyfuse3.StatvfsData()

@@ -577,8 +577,9 @@ async def test_damaged_dirty_block_raises(cache: BlockCache, damage: str) -> Non
     else:
         position = {"magic": 0, "nonce": len(BLOCK_MAGIC) + 3, "ciphertext": 100_000, "tag": SEALED_BLOCK - 1}
         flip_byte(path, position[damage])
+    # (A fresh CachedFile: the writer's own remembers the block it sealed, intact, in memory.)
     with pytest.raises(CorruptBlock) as caught:
-        await cached.read(0, 100)
+        await CachedFile(cache, entry, FakeS3().fetch_range).read(0, 100)
     assert isinstance(caught.value, SsefsError)
     assert OBJECT in str(caught.value)
     # It stays an error: the damaged data is never served, nor silently replaced.
@@ -621,7 +622,8 @@ async def test_uploaded_block_damaged_is_fetched_again(cache: BlockCache) -> Non
     fake.objects[OBJECT] = data
     cache.mark_uploaded(entry, entry.generation, etag="u1", size=len(data))
     flip_byte(block_file(cache, entry, 0), 1234)
-    assert await cached.read(0, len(data)) == data
+    # A fresh CachedFile: the writer's own still remembers the intact block in memory.
+    assert await CachedFile(cache, entry, fake.fetch_range).read(0, len(data)) == data
     assert fake.calls == [(OBJECT, 0, BLOCK_SIZE)]
 
 
@@ -635,9 +637,9 @@ async def test_block_moved_to_another_index_fails(cache: BlockCache) -> None:
     zero.write_bytes(sealed_one)
     one.write_bytes(sealed_zero)
     with pytest.raises(CorruptBlock):
-        await cached.read(0, 10)
+        await CachedFile(cache, entry, FakeS3().fetch_range).read(0, 10)
     with pytest.raises(CorruptBlock):
-        await cached.read(BLOCK_SIZE, 10)
+        await CachedFile(cache, entry, FakeS3().fetch_range).read(BLOCK_SIZE, 10)
 
 
 async def test_block_moved_to_another_entry_fails(cache_dir: Path) -> None:
@@ -836,7 +838,7 @@ async def test_blocks_of_a_multi_block_write_into_a_clean_entry_are_dirty(
         flip_byte(block_file(cache, entry, 0), 1000)
         try:
             with pytest.raises(CorruptBlock):  # fails: the old bytes are fetched again, with a warning
-                await cached.read(BLOCK_SIZE - 10, 20)
+                await CachedFile(cache, entry, fake.fetch_range).read(BLOCK_SIZE - 10, 20)
         finally:
             cache.close()
         return

@@ -127,12 +127,16 @@ def test_cache_holds_no_plaintext_and_detects_tampering(
             if path.parent.parent.name == "blocks":
                 block_files.append(path)
     assert len(block_files) == 3
-    # Flip one byte of a block that exists nowhere else: reading it must fail, not return garbage.
+    # Flip one byte of a block that exists nowhere else (the daemon that wrote it, and kept
+    # it in memory, is gone): reading it must fail, not return garbage.
+    mount.process.kill()
+    mount.process.wait(timeout=30)
+    mount.stop()
     victim = sorted(block_files)[1]
     data = bytearray(victim.read_bytes())
     data[100] ^= 0x01
     victim.write_bytes(bytes(data))
-    os.system("echo 3 > /proc/sys/vm/drop_caches")
+    mount = mount_ssefs(config)
     with pytest.raises(OSError) as caught:
         with open(mount.mountpoint / "secret.bin", "rb") as reader:
             reader.seek(1024 * 1024 + 10)

@@ -1,0 +1,152 @@
+"""File attributes in S3 user metadata, and the local index that spares a HEAD per file.
+
+Mode, owner, group and modification time travel with each object as
+``x-amz-meta-mode``/``-uid``/``-gid``/``-mtime``, in s3fs-fuse's names and
+encodings (decimal ``st_mode`` including the file type bits, decimal ids,
+seconds with an optional ``.nnnnnnnnn`` fraction), so a bucket can be shared
+with s3fs. A value that is missing or malformed counts as not stored: the
+mount's defaults apply. These headers are not encrypted by SSE-C; see
+docs/security.md.
+
+S3 listings carry size, ETag and time but no user metadata, so knowing a
+file's mode means a keyed HEAD per object. ``MetadataIndex`` remembers the
+attributes of each object key together with the ETag they were read from,
+in ``metadata.sqlite`` in the cache directory: while a listing shows the same
+ETag, the remembered attributes are current and no HEAD is needed, across
+remounts too. Objects ssefs itself writes are entered as they are uploaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+MODE, UID, GID, MTIME = "mode", "uid", "gid", "mtime"
+
+
+@dataclass(frozen=True)
+class FileAttributes:
+    """What user metadata says about a file; ``None`` where it says nothing."""
+
+    mode: int | None = None  # full st_mode, file type included
+    uid: int | None = None
+    gid: int | None = None
+    mtime: float | None = None
+
+    def with_changes(
+        self, *, mode: int | None = None, uid: int | None = None, gid: int | None = None, mtime: float | None = None
+    ) -> FileAttributes:
+        return replace(
+            self,
+            mode=self.mode if mode is None else mode,
+            uid=self.uid if uid is None else uid,
+            gid=self.gid if gid is None else gid,
+            mtime=self.mtime if mtime is None else mtime,
+        )
+
+
+NO_ATTRIBUTES = FileAttributes()
+
+
+def _integer(value: str | None, upper: int) -> int | None:
+    if value is None or not value.strip().isdigit():
+        return None
+    number = int(value)
+    return number if number < upper else None
+
+
+def _seconds(value: str | None) -> float | None:
+    if value is None:
+        return None
+    whole, _, fraction = value.strip().partition(".")
+    if not whole.lstrip("-").isdigit() or (fraction and not fraction.isdigit()):
+        return None
+    seconds = int(whole) + (int(fraction[:9].ljust(9, "0")) / 1e9 if fraction else 0.0)
+    return seconds if abs(seconds) < 2**40 else None
+
+
+def from_metadata(metadata: dict[str, str]) -> FileAttributes:
+    """Read attributes from an object's user metadata (keys without ``x-amz-meta-``, any case)."""
+    lowered = {name.lower(): value for name, value in metadata.items()}
+    mode = _integer(lowered.get(MODE), 2**32)
+    if mode is not None and stat.S_IFMT(mode) == 0:
+        mode |= stat.S_IFREG  # some tools store permission bits only
+    return FileAttributes(
+        mode=mode, uid=_integer(lowered.get(UID), 2**32 - 1), gid=_integer(lowered.get(GID), 2**32 - 1),
+        mtime=_seconds(lowered.get(MTIME)),
+    )
+
+
+def format_seconds(seconds: float) -> str:
+    whole = int(seconds // 1)
+    nanoseconds = round((seconds - whole) * 1e9)
+    if nanoseconds >= 1_000_000_000:
+        whole, nanoseconds = whole + 1, 0
+    return f"{whole}.{nanoseconds:09d}" if nanoseconds else str(whole)
+
+
+def to_metadata(attributes: FileAttributes) -> dict[str, str]:
+    """User metadata for an upload: only what is known."""
+    metadata = {}
+    if attributes.mode is not None:
+        metadata[MODE] = str(attributes.mode)
+    if attributes.uid is not None:
+        metadata[UID] = str(attributes.uid)
+    if attributes.gid is not None:
+        metadata[GID] = str(attributes.gid)
+    if attributes.mtime is not None:
+        metadata[MTIME] = format_seconds(attributes.mtime)
+    return metadata
+
+
+class MetadataIndex:
+    """Attributes of objects by key, valid while the object keeps the ETag they were read with."""
+
+    def __init__(self, directory: Path) -> None:
+        path = Path(directory) / "metadata.sqlite"
+        self._db = sqlite3.connect(path, isolation_level=None)
+        os.chmod(path, 0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # A lost update only costs a HEAD later: no fsync.
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS attributes (object_key TEXT PRIMARY KEY, etag TEXT NOT NULL, "
+            "mode INTEGER, uid INTEGER, gid INTEGER, mtime REAL)"
+        )
+        self._known: dict[str, tuple[str, FileAttributes]] = {
+            key: (etag, FileAttributes(mode, uid, gid, mtime))
+            for key, etag, mode, uid, gid, mtime in self._db.execute("SELECT * FROM attributes")
+        }
+
+    def get(self, object_key: str, etag: str) -> FileAttributes | None:
+        known = self._known.get(object_key)
+        if known is None or known[0] != etag or not etag:
+            return None
+        return known[1]
+
+    def put(self, object_key: str, etag: str, attributes: FileAttributes) -> None:
+        if self._known.get(object_key) == (etag, attributes):
+            return
+        self._known[object_key] = (etag, attributes)
+        self._db.execute(
+            "INSERT OR REPLACE INTO attributes VALUES (?, ?, ?, ?, ?, ?)",
+            (object_key, etag, attributes.mode, attributes.uid, attributes.gid, attributes.mtime),
+        )
+
+    def put_many(self, rows: list[tuple[str, str, FileAttributes]]) -> None:
+        self._db.execute("BEGIN")
+        try:
+            for object_key, etag, attributes in rows:
+                self.put(object_key, etag, attributes)
+        finally:
+            self._db.execute("COMMIT")
+
+    def forget(self, object_key: str) -> None:
+        if self._known.pop(object_key, None) is not None:
+            self._db.execute("DELETE FROM attributes WHERE object_key = ?", (object_key,))
+
+    def close(self) -> None:
+        self._db.close()
