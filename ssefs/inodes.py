@@ -190,6 +190,23 @@ class InodeTable:
         self.note_child(_parent(old_path), old_path.rsplit("/", 1)[-1], None)
         self.note_child(_parent(new_path), node.name, self.directory_entry(node))
 
+    def move_tree(self, directory: Node, new_path: str) -> None:
+        """Re-map a directory and every known node and cached listing below it to ``new_path``."""
+        old_path = directory.path
+        below = old_path + "/"
+        replaced = self._by_path.get(new_path)
+        if replaced is not None and replaced is not directory:
+            self._detach(replaced)
+            self.drop_if_unused(replaced)
+        for node in [n for path, n in self._by_path.items() if path == old_path or path.startswith(below)]:
+            self._detach(node)
+            node.path = new_path + node.path[len(old_path):]
+            self._by_path[node.path] = node
+        for path in [path for path in self._listings if path == old_path or path.startswith(below)]:
+            self._listings[new_path + path[len(old_path):]] = self._listings.pop(path)
+        self.note_child(_parent(old_path), old_path.rsplit("/", 1)[-1], None)
+        self.note_child(_parent(new_path), directory.name, self.directory_entry(directory))
+
     def directory_entry(self, node: Node) -> DirectoryEntry:
         """The node as its parent's listing would show it."""
         return DirectoryEntry(node.name, node.is_dir, node.size, node.mtime, node.etag, self.attributes_of(node))

@@ -303,6 +303,19 @@ class ObjectStore:
 
         return await self._call("ListObjectsV2", prefix, fetch)
 
+    async def list_tree(self, prefix: str) -> list[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, at any depth, markers included."""
+
+        def fetch() -> list[ObjectInfo]:
+            paginator = self._client.get_paginator("list_objects_v2")
+            return [
+                _info_from_listing(item)
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
+                for item in page.get("Contents", ())
+            ]
+
+        return await self._call("ListObjectsV2", prefix, fetch)
+
     async def first_object_with_prefix(self, prefix: str) -> ObjectInfo | None:
         """The lexicographically first object whose key starts with ``prefix``, if any."""
 

@@ -33,7 +33,7 @@ from .cachedfile import CachedFile
 from .config import MAX_PART_SIZE, MiB, S3Settings
 from .errors import SsefsError, unwrap_group
 from .metadata import to_metadata
-from .store import ObjectStore
+from .store import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,26 @@ async def upload_object(
             except Exception as abort_error:  # noqa: BLE001 - the original error matters more
                 log.warning("could not abort multipart upload of %r: %s", object_key, abort_error)
         raise
+
+
+async def copy_object(
+    store: ObjectStore, settings: S3Settings, source: ObjectInfo, target_key: str, metadata: dict[str, str]
+) -> str:
+    """Server-side copy of ``source`` to ``target_key`` with ``metadata``; returns the new ETag.
+
+    CopyObject stops at 5 GiB: larger objects are copied part by part
+    (UploadPartCopy), and where the server does not implement that (SeaweedFS
+    with SSE-C), the parts are read with ranged GETs and uploaded again.
+    """
+    if source.size <= MAX_PART_SIZE:
+        return await store.copy(source.key, target_key, metadata)
+
+    async def read(offset: int, length: int) -> bytes:
+        return await store.get_range(source.key, offset, length)
+
+    return await upload_object(
+        store, settings, target_key, source.size, read, metadata, copy_source=lambda start, end: source.key
+    )
 
 
 @dataclass

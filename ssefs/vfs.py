@@ -32,12 +32,12 @@ import trio
 from .cache import BLOCK_SIZE, BlockCache, Entry
 from .cachedfile import CachedFile, PlaintextBlocks
 from .config import MAX_PART_SIZE, Config
-from .errors import NoSuchObject, ServerUnavailable, SsefsError
+from .errors import NoSuchObject, ServerUnavailable, SsefsError, unwrap_group
 from .inodes import ROOT_INODE, DirectoryEntry, InodeTable, Node, child_path
 from .metadata import FileAttributes, MetadataIndex, from_metadata, to_metadata
 from .readahead import SequentialReader
-from .store import ObjectStore
-from .uploader import WriteBack
+from .store import ObjectInfo, ObjectStore
+from .uploader import WriteBack, copy_object
 
 log = logging.getLogger(__name__)
 
@@ -634,9 +634,6 @@ class Filesystem:
         target_path = child_path(target_parent.path, target_name)
         if target_path == node.path:
             return
-        if node.is_dir:
-            # Directory rename arrives in a later issue; EXDEV makes mv copy and delete.
-            raise FsError(errno.EXDEV)
         try:
             target = await self.lookup(new_parent, new_name)
         except FsError as error:
@@ -646,8 +643,15 @@ class Filesystem:
         if target is not None:
             if flags & pyfuse3.RENAME_NOREPLACE:
                 raise FsError(errno.EEXIST)
-            if target.is_dir:
+            if target.is_dir and not node.is_dir:
                 raise FsError(errno.EISDIR)
+            if node.is_dir and not target.is_dir:
+                raise FsError(errno.ENOTDIR)
+        if node.is_dir:
+            if (target_path + "/").startswith(node.path + "/"):
+                raise FsError(errno.EINVAL)  # into itself
+            await self._rename_directory(node, target_path, replacing=target)
+            return
         old_key, new_key = self.object_key(node.path), self.object_key(target_path)
         entry = self.cache.entry(old_key)
         if entry is not None and entry.dirty:
@@ -659,10 +663,9 @@ class Filesystem:
             self.inodes.move(node, target_path)
             await self.writeback.upload(entry)
         else:
-            if node.size > MAX_PART_SIZE:
-                raise FsError(errno.EXDEV)  # CopyObject stops at 5 GiB; mv falls back to copying
             attributes = self.inodes.attributes_of(node)
-            etag = await self.store.copy(old_key, new_key, to_metadata(attributes))
+            source = ObjectInfo(old_key, node.size, node.etag, node.mtime)
+            etag = await copy_object(self.store, self.config.s3, source, new_key, to_metadata(attributes))
             await self._discard_entry(old_key)
             await self._discard_entry(new_key)
             self.metadata.put(new_key, etag, attributes)
@@ -673,6 +676,95 @@ class Filesystem:
         except NoSuchObject:
             pass
         self.metadata.forget(old_key)
+
+    async def _rename_directory(self, node: Node, target_path: str, *, replacing: Node | None) -> None:
+        """Move every object under the directory, in an order that loses nothing if cut short.
+
+        S3 has no rename: each object is copied server-side to its new key
+        (several at once), files with changes not yet uploaded are uploaded
+        under their new names, and only when all of that is done are the old
+        keys deleted. Interrupted, both trees may exist, never neither; running
+        the same ``mv`` again finishes the job. Not atomic: another client may
+        see the directory half moved.
+        """
+        old_prefix, new_prefix = self.directory_prefix(node.path), self.directory_prefix(target_path)
+        if replacing is not None:
+            left = [key for key in await self.store.keys_with_prefix(new_prefix, 2) if key != new_prefix]
+            if left or any(entry.object_key.startswith(new_prefix) for entry in self.cache.dirty_entries()):
+                raise FsError(errno.ENOTEMPTY)
+        objects = await self.store.list_tree(old_prefix)
+        dirty = {
+            entry.object_key: entry for entry in self.cache.entries()
+            if entry.object_key.startswith(old_prefix) and entry.dirty
+        }
+        copied: list[tuple[str, str, str, FileAttributes]] = []
+        limiter = trio.CapacityLimiter(max(1, self.config.s3.max_connections // 2))
+
+        async def copy_one(info: ObjectInfo) -> None:
+            new_key = new_prefix + info.key[len(old_prefix):]
+            async with limiter:
+                if info.key.endswith("/"):
+                    await self.store.put_directory_marker(new_key)
+                    copied.append((info.key, new_key, "", FileAttributes()))
+                    return
+                attributes = self.metadata.get(info.key, info.etag)
+                if attributes is None:
+                    attributes = from_metadata((await self.store.head(info.key)).metadata)
+                etag = await copy_object(self.store, self.config.s3, info, new_key, to_metadata(attributes))
+                copied.append((info.key, new_key, etag, attributes))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for info in objects:
+                    if info.key not in dirty:
+                        nursery.start_soon(copy_one, info)
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
+        if not any(info.key == old_prefix for info in objects):
+            await self.store.put_directory_marker(new_prefix)  # the directory itself, even if empty
+        # Cache entries follow their objects: clean ones now point at the copies,
+        # dirty ones upload under the new name (reading unchanged ranges from the old keys).
+        for old_key, new_key, etag, attributes in copied:
+            if etag:
+                self.metadata.put(new_key, etag, attributes)
+            entry = self.cache.entry(old_key)
+            if entry is not None and not entry.dirty:
+                async with entry.lock:
+                    await self._discard_entry(new_key)
+                    self.cache.rename_entry(entry, new_key)
+                    entry.base_key, entry.base_etag = new_key, etag
+                    self.cache.save(entry)
+        for old_key, entry in dirty.items():
+            await self._discard_entry(new_prefix + old_key[len(old_prefix):])
+            async with entry.lock:
+                self.cache.rename_entry(entry, new_prefix + old_key[len(old_prefix):])
+        self.inodes.move_tree(node, target_path)
+        for entry in dirty.values():
+            await self.writeback.upload(entry)
+        # Everything is under the new name: now the old keys may go.
+        async def delete_one(key: str) -> None:
+            async with limiter:
+                try:
+                    await self.store.delete(key)
+                except NoSuchObject:
+                    pass
+            self.metadata.forget(key)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for info in objects:
+                    if not info.key.endswith("/"):
+                        nursery.start_soon(delete_one, info.key)
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
+        # Then the directories, deepest first: markers, and the implicit directories
+        # SeaweedFS keeps (as an empty folder) after their last object is gone.
+        directories = {old_prefix}
+        for info in objects:
+            parts = info.key[len(old_prefix):].split("/")[:-1]
+            directories.update(old_prefix + "/".join(parts[:depth]) + "/" for depth in range(1, len(parts) + 1))
+        for directory_key in sorted(directories, key=lambda key: key.count("/"), reverse=True):
+            await delete_one(directory_key)
 
     def statfs(self) -> pyfuse3.StatvfsData:
         stats = pyfuse3.StatvfsData()

@@ -1,0 +1,131 @@
+"""End to end: rename of files and directories through the mount, checked in the mount and in S3."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ssefs.seaweed import SeaweedEndpoint
+
+from .conftest import Mount, sse_params, write_config
+
+pytestmark = pytest.mark.fuse
+
+MountFactory = Callable[..., Mount]
+RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(old: Path, new: Path, flags: int) -> None:
+    AT_FDCWD = -100
+    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
+    found: set[str] = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        found.update(item["Key"] for item in page.get("Contents", []))
+    return found
+
+
+def test_directory_rename_moves_every_object_and_keeps_content(
+    endpoint: SeaweedEndpoint, bucket: str, key_file: Path, key_bytes: bytes, s3: Any, tmp_path: Path,
+    mount_ssefs: MountFactory,
+) -> None:
+    sse = sse_params(key_bytes)
+    contents = {f"project/f{index:02d}.txt": secrets.token_bytes(100 + index) for index in range(50)}
+    contents["project/sub/deep/data.bin"] = secrets.token_bytes(3 * 1024 * 1024)
+    for key, data in contents.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data, Metadata={"mode": str(0o100600)}, **sse)
+    config = write_config(tmp_path, endpoint, bucket, key_file, cache_extra="writeback_delay = 600")
+    mount = mount_ssefs(config)
+    root = mount.mountpoint
+    # One file changed and one created through the mount, not uploaded yet (write-back delay 600 s).
+    (root / "project/f00.txt").write_bytes(b"changed locally")
+    contents["project/f00.txt"] = b"changed locally"
+    (root / "project/sub/new.txt").write_bytes(b"new, only in the cache")
+    contents["project/sub/new.txt"] = b"new, only in the cache"
+    (root / "project/emptydir").mkdir()
+
+    subprocess.run(["mv", str(root / "project"), str(root / "renamed")], check=True, timeout=120)
+
+    assert not (root / "project").exists()
+    for key, data in contents.items():
+        moved = "renamed/" + key.removeprefix("project/")
+        assert (root / moved).read_bytes() == data, moved
+        assert bytes(s3.get_object(Bucket=bucket, Key=moved, **sse)["Body"].read()) == data, moved
+    assert (root / "renamed/emptydir").is_dir()
+    assert (root / "renamed/f01.txt").stat().st_mode & 0o7777 == 0o600  # metadata went along
+    assert not keys(s3, bucket, "project/")
+    # After a remount with an empty cache, S3 alone tells the same story.
+    mount.stop()
+    fresh = mount_ssefs(write_config(tmp_path, endpoint, bucket, key_file, name="fresh"))
+    for key, data in contents.items():
+        assert (fresh.mountpoint / "renamed" / key.removeprefix("project/")).read_bytes() == data
+    assert sorted(os.listdir(fresh.mountpoint)) == ["renamed"]
+
+
+def test_directory_rename_errors_and_replacing_an_empty_directory(
+    endpoint: SeaweedEndpoint, bucket: str, key_file: Path, tmp_path: Path, mount_ssefs: MountFactory,
+) -> None:
+    root = mount_ssefs(write_config(tmp_path, endpoint, bucket, key_file)).mountpoint
+    (root / "a").mkdir()
+    (root / "a/file").write_bytes(b"in a")
+    (root / "full").mkdir()
+    (root / "full/x").write_bytes(b"x")
+    (root / "empty").mkdir()
+    (root / "plain").write_bytes(b"plain file")
+    with pytest.raises(OSError) as caught:
+        os.rename(root / "a", root / "full")
+    assert caught.value.errno == errno.ENOTEMPTY
+    with pytest.raises(OSError) as caught:
+        os.rename(root / "a", root / "plain")
+    assert caught.value.errno == errno.ENOTDIR
+    with pytest.raises(OSError) as caught:
+        os.rename(root / "plain", root / "empty")
+    assert caught.value.errno == errno.EISDIR
+    with pytest.raises(OSError) as caught:
+        os.rename(root / "a", root / "a/inside")
+    assert caught.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as caught:
+        renameat2(root / "plain", root / "a/file", RENAME_EXCHANGE)
+    assert caught.value.errno == errno.EINVAL
+    os.rename(root / "a", root / "empty")
+    assert (root / "empty/file").read_bytes() == b"in a"
+    assert not (root / "a").exists()
+    assert (root / "full/x").read_bytes() == b"x"
+    assert (root / "plain").read_bytes() == b"plain file"
+
+
+def test_file_rename_replaces_the_target(
+    endpoint: SeaweedEndpoint, bucket: str, key_file: Path, key_bytes: bytes, s3: Any, tmp_path: Path,
+    mount_ssefs: MountFactory,
+) -> None:
+    sse = sse_params(key_bytes)
+    s3.put_object(Bucket=bucket, Key="old.txt", Body=b"old content", **sse)
+    s3.put_object(Bucket=bucket, Key="target.txt", Body=b"to be replaced", **sse)
+    root = mount_ssefs(write_config(tmp_path, endpoint, bucket, key_file)).mountpoint
+    os.rename(root / "old.txt", root / "target.txt")
+    assert (root / "target.txt").read_bytes() == b"old content"
+    assert not (root / "old.txt").exists()
+    assert bytes(s3.get_object(Bucket=bucket, Key="target.txt", **sse)["Body"].read()) == b"old content"
+    assert keys(s3, bucket) == {"target.txt"}
+    # An editor's save: write a temporary file, fsync, rename it over the original.
+    with open(root / ".target.txt.swp", "wb") as temporary:
+        temporary.write(b"saved by the editor")
+        temporary.flush()
+        os.fsync(temporary.fileno())
+    os.rename(root / ".target.txt.swp", root / "target.txt")
+    assert (root / "target.txt").read_bytes() == b"saved by the editor"
+    assert bytes(s3.get_object(Bucket=bucket, Key="target.txt", **sse)["Body"].read()) == b"saved by the editor"
+    assert keys(s3, bucket) == {"target.txt"}
