@@ -125,13 +125,16 @@ class InodeTable:
     def update_from_entry(self, node: Node, entry: DirectoryEntry) -> None:
         if node.has_local_data:
             return
-        if node.etag and entry.etag != node.etag:
+        changed = entry.etag != node.etag
+        if node.etag and changed:
             node.page_cache_stale = True
         node.size, node.etag = entry.size, entry.etag
         if entry.mtime or not node.mtime:
             node.mtime = entry.mtime
         if entry.attributes is not None:
             self.apply_attributes(node, entry.attributes)
+        elif changed:
+            node.mode = node.uid = node.gid = None  # another object now: its attributes are not known yet
         node.checked_at = time.monotonic()
 
     @staticmethod

@@ -33,13 +33,17 @@ from .cache import BLOCK_SIZE, BlockCache, Entry
 from .cachedfile import CachedFile, PlaintextBlocks
 from .config import MAX_PART_SIZE, Config
 from .errors import NoSuchObject, ServerUnavailable, SsefsError, unwrap_group
-from .inodes import ROOT_INODE, DirectoryEntry, InodeTable, Node, child_path
+from .inodes import ROOT_INODE, CachedListing, DirectoryEntry, InodeTable, Node, child_path
 from .metadata import FileAttributes, MetadataIndex, from_metadata, to_metadata
 from .readahead import SequentialReader
 from .store import ObjectInfo, ObjectStore
 from .uploader import WriteBack, copy_object
 
 log = logging.getLogger(__name__)
+
+# Directories with at most this many entries (one LIST page) are listed again
+# to answer lookups once their cached listing has expired.
+RELIST_LIMIT = 1000
 
 # POSIX NAME_MAX; S3 keys are at most 1024 bytes.
 NAME_MAX = 255
@@ -93,6 +97,8 @@ class Filesystem:
         self._handles: dict[int, Handle] = {}
         self._next_fh = count(1)
         self.started_at = time.time()
+        # Directory listings being fetched, so that concurrent lookups share one LIST.
+        self._listing_fetches: dict[str, trio.Event] = {}
         # Where background work (read-ahead) runs; set by the mount while it serves.
         self.background: trio.Nursery | None = None
 
@@ -221,10 +227,14 @@ class Filesystem:
         if local is not None:
             return local
         listing = self.inodes.cached_listing(parent.path)
+        if listing is None and self._worth_relisting(parent.path):
+            listing = await self._refresh_listing(parent.path)
         if listing is not None:
             listed = listing.entries.get(name)
             if listed is None:
                 raise FsError(errno.ENOENT)
+            if not listed.is_dir and listed.attributes is None:
+                await self._fill_attributes(self.directory_prefix(parent.path), [listed])
             node = self.inodes.node_for(path, is_dir=listed.is_dir)
             self._apply(node, listed)
             return node
@@ -258,7 +268,14 @@ class Filesystem:
         if self._local_node(node.path) is not None or self.inodes.is_fresh(node):
             return node
         listing = self.inodes.cached_listing(node.parent_path)
+        if listing is None and self._worth_relisting(node.parent_path):
+            try:
+                listing = await self._refresh_listing(node.parent_path)
+            except ServerUnavailable:
+                return node
         listed = listing.entries.get(node.name) if listing is not None else None
+        if listed is not None and listed.attributes is None:
+            await self._fill_attributes(self.directory_prefix(node.parent_path), [listed])
         if listed is None:
             try:
                 found = await self.store.first_object_with_prefix(self.object_key(node.path))
@@ -275,11 +292,11 @@ class Filesystem:
         """A snapshot of a directory's children, sorted by name."""
         directory = self._directory(inode)
         listing = self.inodes.cached_listing(directory.path)
-        if listing is None:
-            entries = await self._fetch_listing(directory.path)
-            self.inodes.store_listing(directory.path, entries)
-        else:
-            entries = listing.entries
+        entries = (listing or await self._refresh_listing(directory.path)).entries
+        await self._fill_attributes(
+            self.directory_prefix(directory.path),
+            [listed for listed in entries.values() if not listed.is_dir and listed.attributes is None],
+        )
         children: dict[str, Node] = {}
         for name, listed in entries.items():
             node = self.inodes.node_for(child_path(directory.path, name), is_dir=listed.is_dir)
@@ -295,6 +312,34 @@ class Filesystem:
                     children[name] = local
         return sorted(children.items())
 
+    def _worth_relisting(self, path: str) -> bool:
+        """Whether to answer a lookup in ``path`` by listing it again rather than probing one name.
+
+        For a directory that fitted in one listing page, one LIST answers every
+        lookup that follows (``ls -l``, ``stat`` of each file, a build) for
+        ``attr_timeout``; probing costs two requests per name.
+        """
+        last = self.inodes.last_listing(path)
+        return last is not None and len(last.entries) <= RELIST_LIMIT
+
+    async def _refresh_listing(self, path: str) -> CachedListing:
+        """A fresh listing of ``path``; concurrent callers share one fetch."""
+        pending = self._listing_fetches.get(path)
+        if pending is not None:
+            await pending.wait()
+            listing = self.inodes.cached_listing(path)
+            if listing is not None:
+                return listing
+        done = self._listing_fetches[path] = trio.Event()
+        try:
+            self.inodes.store_listing(path, await self._fetch_listing(path))
+        finally:
+            del self._listing_fetches[path]
+            done.set()
+        listing = self.inodes.last_listing(path)
+        assert listing is not None
+        return listing
+
     async def _fetch_listing(self, path: str) -> dict[str, DirectoryEntry]:
         listing = await self.store.list_children(self.directory_prefix(path))
         entries: dict[str, DirectoryEntry] = {}
@@ -307,7 +352,6 @@ class Filesystem:
             # S3 keeps no time for a prefix: directories show the mount's start time.
             if _showable(name):
                 entries[name] = DirectoryEntry(name, True, mtime=self.started_at)
-        await self._fill_attributes(self.directory_prefix(path), [e for e in entries.values() if not e.is_dir])
         return entries
 
     async def _fill_attributes(self, prefix: str, files: list[DirectoryEntry]) -> None:
