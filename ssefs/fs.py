@@ -203,6 +203,16 @@ class Operations(pyfuse3.Operations):
         await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @translated
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.symlink(parent_inode, name, target, uid=ctx.uid, gid=ctx.gid))
+
+    @translated
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.fs.readlink(inode)
+
+    @translated
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:

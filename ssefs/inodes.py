@@ -48,6 +48,8 @@ class Node:
     mode: int | None = None
     uid: int | None = None
     gid: int | None = None
+    # A symbolic link's target, once read (the link's object holds it, encrypted).
+    symlink_target: bytes | None = None
     # Another client changed the object since the kernel last cached its pages:
     # the next open tells the kernel to drop them (keep_cache off once).
     page_cache_stale: bool = False
@@ -142,6 +144,10 @@ class InodeTable:
         node.mode, node.uid, node.gid = attributes.mode, attributes.uid, attributes.gid
         if attributes.mtime is not None:
             node.mtime = attributes.mtime
+
+    @staticmethod
+    def is_symlink(node: Node) -> bool:
+        return node.mode is not None and stat.S_ISLNK(node.mode)
 
     @staticmethod
     def attributes_of(node: Node) -> FileAttributes:
@@ -253,11 +259,11 @@ class InodeTable:
         attrs.generation = 0
         attrs.entry_timeout = self.ttl
         attrs.attr_timeout = self.ttl
-        kind = stat.S_IFDIR if node.is_dir else stat.S_IFREG
-        if node.mode is not None and stat.S_IFMT(node.mode) == kind:
+        kinds = (stat.S_IFDIR,) if node.is_dir else (stat.S_IFREG, stat.S_IFLNK)
+        if node.mode is not None and stat.S_IFMT(node.mode) in kinds:
             attrs.st_mode = node.mode
         else:
-            attrs.st_mode = kind | (dir_mode if node.is_dir else file_mode)
+            attrs.st_mode = kinds[0] | (dir_mode if node.is_dir else file_mode)
         if node.is_dir:
             attrs.st_nlink = 2
             attrs.st_size = 0

@@ -466,6 +466,39 @@ class Filesystem:
         self.inodes.note_child(parent.path, name, self.inodes.directory_entry(node))
         return fh, node
 
+    async def symlink(self, parent_inode: int, name_bytes: bytes, target: bytes, *, uid: int, gid: int) -> Node:
+        """A symbolic link, as s3fs-fuse stores one: an object whose (encrypted) body is the
+        target and whose mode says S_IFLNK. Written to S3 at once: it is tiny."""
+        self._check_writable_mount()
+        parent = self._directory(parent_inode)
+        name = self._valid_name(name_bytes, parent)
+        path = child_path(parent.path, name)
+        try:
+            await self.lookup(parent_inode, name_bytes)
+        except FsError as error:
+            if error.errno != errno.ENOENT:
+                raise
+        else:
+            raise FsError(errno.EEXIST)
+        object_key = self.object_key(path)
+        attributes = FileAttributes(stat.S_IFLNK | 0o777, uid, gid, time.time())
+        etag = await self.store.put(object_key, target, to_metadata(attributes))
+        self.metadata.put(object_key, etag, attributes)
+        node = self.inodes.node_for(path, is_dir=False)
+        node.size, node.etag, node.symlink_target = len(target), etag, target
+        self.inodes.apply_attributes(node, attributes)
+        node.checked_at = time.monotonic()
+        self.inodes.note_child(parent.path, name, self.inodes.directory_entry(node))
+        return node
+
+    async def readlink(self, inode: int) -> bytes:
+        node = await self.getattr(inode)
+        if not self.inodes.is_symlink(node):
+            raise FsError(errno.EINVAL)
+        if node.symlink_target is None or len(node.symlink_target) != node.size:
+            node.symlink_target = await self.store.get_range(self.object_key(node.path), 0, node.size)
+        return node.symlink_target
+
     async def change_attributes(
         self, inode: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
         mtime: float | None = None,

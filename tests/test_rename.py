@@ -129,3 +129,40 @@ def test_file_rename_replaces_the_target(
     assert (root / "target.txt").read_bytes() == b"saved by the editor"
     assert bytes(s3.get_object(Bucket=bucket, Key="target.txt", **sse)["Body"].read()) == b"saved by the editor"
     assert keys(s3, bucket) == {"target.txt"}
+
+
+def test_symlinks_in_s3fs_form_and_hard_links_refused(
+    endpoint: SeaweedEndpoint, bucket: str, key_file: Path, key_bytes: bytes, s3: Any, tmp_path: Path,
+    mount_ssefs: MountFactory,
+) -> None:
+    sse = sse_params(key_bytes)
+    mount = mount_ssefs(write_config(tmp_path, endpoint, bucket, key_file))
+    root = mount.mountpoint
+    (root / "real.txt").write_bytes(b"the real file")
+    os.symlink("real.txt", root / "link")
+    os.symlink("../elsewhere/ünïcode target", root / "dangling")
+    assert os.readlink(root / "link") == "real.txt"
+    assert (root / "link").read_bytes() == b"the real file"
+    assert os.path.islink(root / "dangling") and not (root / "dangling").exists()
+    with pytest.raises(OSError) as caught:
+        os.symlink("x", root / "link")
+    assert caught.value.errno == errno.EEXIST
+    with pytest.raises(OSError) as caught:
+        os.link(root / "real.txt", root / "hard")
+    assert caught.value.errno == errno.EPERM
+    # In S3 as s3fs keeps them: the target is the (encrypted) body, the mode says S_IFLNK.
+    head = s3.head_object(Bucket=bucket, Key="link", **sse)
+    assert int(head["Metadata"]["mode"]) == 0o120777
+    assert bytes(s3.get_object(Bucket=bucket, Key="link", **sse)["Body"].read()) == b"real.txt"
+    # A link written by s3fs (or anyone) reads the same, and survives a remount.
+    s3.put_object(Bucket=bucket, Key="foreign-link", Body=b"real.txt", Metadata={"mode": str(0o120777)}, **sse)
+    mount.stop()
+    fresh = mount_ssefs(write_config(tmp_path, endpoint, bucket, key_file, name="fresh")).mountpoint
+    assert os.readlink(fresh / "link") == "real.txt"
+    assert os.readlink(fresh / "foreign-link") == "real.txt"
+    assert os.readlink(fresh / "dangling") == "../elsewhere/ünïcode target"
+    assert (fresh / "foreign-link").read_bytes() == b"the real file"
+    os.rename(fresh / "link", fresh / "moved-link")
+    assert os.readlink(fresh / "moved-link") == "real.txt"
+    os.unlink(fresh / "moved-link")
+    assert (fresh / "real.txt").read_bytes() == b"the real file"
