@@ -92,7 +92,8 @@ CREATE TABLE IF NOT EXISTS entries (
     uploaded_generation INTEGER NOT NULL,
     file_mode INTEGER,
     file_uid INTEGER,
-    file_gid INTEGER
+    file_gid INTEGER,
+    file_xattrs TEXT
 );
 CREATE TABLE IF NOT EXISTS blocks (
     entry_id INTEGER NOT NULL,
@@ -163,13 +164,15 @@ class Entry:
     owner_mode: int | None = None
     owner_uid: int | None = None
     owner_gid: int | None = None
+    sealed_xattrs: str | None = None
 
     @property
     def attributes(self) -> FileAttributes:
-        return FileAttributes(self.owner_mode, self.owner_uid, self.owner_gid, self.mtime)
+        return FileAttributes(self.owner_mode, self.owner_uid, self.owner_gid, self.mtime, self.sealed_xattrs)
 
     def set_attributes(self, attributes: FileAttributes) -> None:
         self.owner_mode, self.owner_uid, self.owner_gid = attributes.mode, attributes.uid, attributes.gid
+        self.sealed_xattrs = attributes.xattrs
         if attributes.mtime is not None:
             self.mtime = attributes.mtime
 
@@ -229,9 +232,10 @@ class BlockCache:
     def _add_missing_columns(self) -> None:
         """Caches written before file attributes were kept get the columns (empty)."""
         present = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
-        for column in ("file_mode", "file_uid", "file_gid"):
+        for column, kind in (("file_mode", "INTEGER"), ("file_uid", "INTEGER"), ("file_gid", "INTEGER"),
+                             ("file_xattrs", "TEXT")):
             if column not in present:
-                self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} INTEGER")
+                self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
 
     def _check_identity(self, identity: str, key_check: str) -> None:
         stored = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
@@ -258,10 +262,10 @@ class BlockCache:
     def _load(self) -> None:
         for row in self._db.execute(
             "SELECT id, uid, object_key, base_key, base_etag, base_valid, size, mtime, generation, "
-            "uploaded_generation, file_mode, file_uid, file_gid FROM entries"
+            "uploaded_generation, file_mode, file_uid, file_gid, file_xattrs FROM entries"
         ):
             entry = Entry(*row[:10])
-            entry.owner_mode, entry.owner_uid, entry.owner_gid = row[10:]
+            entry.owner_mode, entry.owner_uid, entry.owner_gid, entry.sealed_xattrs = row[10:]
             self._entries[entry.id] = entry
             self._by_key[entry.object_key] = entry
         for entry_id, index, stored_bytes, write_generation in self._db.execute(
@@ -349,7 +353,8 @@ class BlockCache:
         entry_id = cursor.lastrowid
         assert entry_id is not None
         entry = Entry(entry_id, uid, object_key, base_key, base_etag, base_valid, base_size, mtime)
-        entry.owner_mode, entry.owner_uid, entry.owner_gid = attributes.mode, attributes.uid, attributes.gid
+        entry.set_attributes(attributes)
+        entry.mtime = mtime
         self._entries[entry.id] = entry
         self._by_key[object_key] = entry
         self._save_entry(entry)
@@ -434,10 +439,11 @@ class BlockCache:
         try:
             self._db.execute(
                 "UPDATE entries SET base_key = ?, base_etag = ?, base_valid = ?, size = ?, mtime = ?, "
-                "generation = ?, uploaded_generation = ?, file_mode = ?, file_uid = ?, file_gid = ? WHERE id = ?",
+                "generation = ?, uploaded_generation = ?, file_mode = ?, file_uid = ?, file_gid = ?, file_xattrs = ? "
+                "WHERE id = ?",
                 (entry.base_key, entry.base_etag, entry.base_valid, entry.size, entry.mtime,
                  entry.generation, entry.uploaded_generation, entry.owner_mode, entry.owner_uid, entry.owner_gid,
-                 entry.id),
+                 entry.sealed_xattrs, entry.id),
             )
         finally:
             if durable:

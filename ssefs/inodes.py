@@ -48,6 +48,8 @@ class Node:
     mode: int | None = None
     uid: int | None = None
     gid: int | None = None
+    # Extended attributes as stored (sealed); None: none.
+    xattrs: str | None = None
     # A symbolic link's target, once read (the link's object holds it, encrypted).
     symlink_target: bytes | None = None
     # Another client changed the object since the kernel last cached its pages:
@@ -136,12 +138,12 @@ class InodeTable:
         if entry.attributes is not None:
             self.apply_attributes(node, entry.attributes)
         elif changed:
-            node.mode = node.uid = node.gid = None  # another object now: its attributes are not known yet
+            node.mode = node.uid = node.gid = node.xattrs = None  # another object now: its attributes are not known yet
         node.checked_at = time.monotonic()
 
     @staticmethod
     def apply_attributes(node: Node, attributes: FileAttributes) -> None:
-        node.mode, node.uid, node.gid = attributes.mode, attributes.uid, attributes.gid
+        node.mode, node.uid, node.gid, node.xattrs = attributes.mode, attributes.uid, attributes.gid, attributes.xattrs
         if attributes.mtime is not None:
             node.mtime = attributes.mtime
 
@@ -151,7 +153,7 @@ class InodeTable:
 
     @staticmethod
     def attributes_of(node: Node) -> FileAttributes:
-        return FileAttributes(node.mode, node.uid, node.gid, node.mtime)
+        return FileAttributes(node.mode, node.uid, node.gid, node.mtime, node.xattrs)
 
     def is_fresh(self, node: Node) -> bool:
         return time.monotonic() - node.checked_at < self.ttl

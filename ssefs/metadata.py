@@ -5,8 +5,9 @@ Mode, owner, group and modification time travel with each object as
 encodings (decimal ``st_mode`` including the file type bits, decimal ids,
 seconds with an optional ``.nnnnnnnnn`` fraction), so a bucket can be shared
 with s3fs. A value that is missing or malformed counts as not stored: the
-mount's defaults apply. These headers are not encrypted by SSE-C; see
-docs/security.md.
+mount's defaults apply. These headers are not encrypted by SSE-C (see
+docs/security.md), which is why extended attributes go in sealed
+(``XattrSealer``, ``x-amz-meta-ssefs-xattrs``).
 
 S3 listings carry size, ETag and time but no user metadata, so knowing a
 file's mode means a keyed HEAD per object. ``MetadataIndex`` remembers the
@@ -18,13 +19,24 @@ remounts too. Objects ssefs itself writes are entered as they are uploaded.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import secrets
 import sqlite3
 import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 MODE, UID, GID, MTIME = "mode", "uid", "gid", "mtime"
+# Extended attributes, sealed: x-amz-meta-ssefs-xattrs.
+XATTRS = "ssefs-xattrs"
+# S3 allows 2 KiB of user metadata per object (names and values of x-amz-meta-*).
+USER_METADATA_LIMIT = 2048
+XATTR_ASSOCIATED_DATA = b"ssefs xattrs v1"
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,8 @@ class FileAttributes:
     uid: int | None = None
     gid: int | None = None
     mtime: float | None = None
+    # Extended attributes as stored: sealed (see ``XattrSealer``), base64.
+    xattrs: str | None = None
 
     def with_changes(
         self, *, mode: int | None = None, uid: int | None = None, gid: int | None = None, mtime: float | None = None
@@ -76,7 +90,7 @@ def from_metadata(metadata: dict[str, str]) -> FileAttributes:
         mode |= stat.S_IFREG  # some tools store permission bits only
     return FileAttributes(
         mode=mode, uid=_integer(lowered.get(UID), 2**32 - 1), gid=_integer(lowered.get(GID), 2**32 - 1),
-        mtime=_seconds(lowered.get(MTIME)),
+        mtime=_seconds(lowered.get(MTIME)), xattrs=lowered.get(XATTRS) or None,
     )
 
 
@@ -99,7 +113,57 @@ def to_metadata(attributes: FileAttributes) -> dict[str, str]:
         metadata[GID] = str(attributes.gid)
     if attributes.mtime is not None:
         metadata[MTIME] = format_seconds(attributes.mtime)
+    if attributes.xattrs:
+        metadata[XATTRS] = attributes.xattrs
     return metadata
+
+
+def metadata_size(metadata: dict[str, str]) -> int:
+    """Bytes S3 counts against its user-metadata limit."""
+    return sum(len(("x-amz-meta-" + name).encode()) + len(value.encode()) for name, value in metadata.items())
+
+
+class XattrSealer:
+    """Extended attributes in and out of their sealed form.
+
+    SSE-C encrypts object data, not metadata: ``x-amz-meta-*`` values sit on
+    the server in clear. So names and values are sealed together with AES-GCM
+    under a key derived from the mount key (random nonce per sealing) and
+    stored as one base64 value. A blob that fails to open reads as no
+    extended attributes (and is logged by the caller).
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._cipher = AESGCM(key)
+
+    def seal(self, xattrs: dict[bytes, bytes]) -> str | None:
+        if not xattrs:
+            return None
+        plain = b"".join(
+            len(name).to_bytes(2, "big") + name + len(value).to_bytes(4, "big") + value
+            for name, value in sorted(xattrs.items())
+        )
+        nonce = secrets.token_bytes(12)
+        return base64.b64encode(nonce + self._cipher.encrypt(nonce, plain, XATTR_ASSOCIATED_DATA)).decode("ascii")
+
+    def open(self, blob: str | None) -> dict[bytes, bytes]:
+        """The attributes in ``blob``; raises ``ValueError`` if it is damaged or sealed under another key."""
+        if not blob:
+            return {}
+        try:
+            raw = base64.b64decode(blob, validate=True)
+            plain = self._cipher.decrypt(raw[:12], raw[12:], XATTR_ASSOCIATED_DATA)
+        except (binascii.Error, InvalidTag, ValueError):
+            raise ValueError("extended attributes cannot be opened (damaged, or sealed under another key)") from None
+        xattrs, position = {}, 0
+        while position < len(plain):
+            name_length = int.from_bytes(plain[position:position + 2], "big")
+            name = plain[position + 2:position + 2 + name_length]
+            position += 2 + name_length
+            value_length = int.from_bytes(plain[position:position + 4], "big")
+            xattrs[name] = plain[position + 4:position + 4 + value_length]
+            position += 4 + value_length
+        return xattrs
 
 
 class MetadataIndex:
@@ -112,13 +176,16 @@ class MetadataIndex:
         self._db.execute("PRAGMA journal_mode=WAL")
         # A lost update only costs a HEAD later: no fsync.
         self._db.execute("PRAGMA synchronous=OFF")
+        columns = [row[1] for row in self._db.execute("PRAGMA table_info(attributes)")]
+        if columns and "xattrs" not in columns:
+            self._db.execute("DROP TABLE attributes")  # an older layout: it is only a cache
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS attributes (object_key TEXT PRIMARY KEY, etag TEXT NOT NULL, "
-            "mode INTEGER, uid INTEGER, gid INTEGER, mtime REAL)"
+            "mode INTEGER, uid INTEGER, gid INTEGER, mtime REAL, xattrs TEXT)"
         )
         self._known: dict[str, tuple[str, FileAttributes]] = {
-            key: (etag, FileAttributes(mode, uid, gid, mtime))
-            for key, etag, mode, uid, gid, mtime in self._db.execute("SELECT * FROM attributes")
+            key: (etag, FileAttributes(mode, uid, gid, mtime, xattrs))
+            for key, etag, mode, uid, gid, mtime, xattrs in self._db.execute("SELECT * FROM attributes")
         }
 
     def get(self, object_key: str, etag: str) -> FileAttributes | None:
@@ -132,8 +199,8 @@ class MetadataIndex:
             return
         self._known[object_key] = (etag, attributes)
         self._db.execute(
-            "INSERT OR REPLACE INTO attributes VALUES (?, ?, ?, ?, ?, ?)",
-            (object_key, etag, attributes.mode, attributes.uid, attributes.gid, attributes.mtime),
+            "INSERT OR REPLACE INTO attributes VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (object_key, etag, attributes.mode, attributes.uid, attributes.gid, attributes.mtime, attributes.xattrs),
         )
 
     def put_many(self, rows: list[tuple[str, str, FileAttributes]]) -> None:

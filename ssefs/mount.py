@@ -30,6 +30,7 @@ from .config import Config
 from .errors import NotEncrypted, ServerUnavailable, StartupCheckError, WrongKey
 from .fs import Operations
 from .keys import SseKey
+from .metadata import XattrSealer
 from .store import ObjectStore
 from .vfs import Filesystem
 
@@ -172,7 +173,7 @@ async def serve(
         config.cache.dir, key, identity=f"{config.s3.endpoint}/{config.s3.bucket}/{config.key_prefix}",
         max_size=config.cache.max_size,
     )
-    filesystem = Filesystem(config, store, cache)
+    filesystem = Filesystem(config, store, cache, XattrSealer(key.derive(b"xattrs-v1")))
     filesystem.recover()
     operations = Operations(filesystem)
     # Resolved before mounting: once mounted, touching the mount point from this

@@ -23,7 +23,7 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import count
 
 import pyfuse3
@@ -34,7 +34,15 @@ from .cachedfile import CachedFile, PlaintextBlocks
 from .config import MAX_PART_SIZE, Config
 from .errors import NoSuchObject, ServerUnavailable, SsefsError, unwrap_group
 from .inodes import ROOT_INODE, CachedListing, DirectoryEntry, InodeTable, Node, child_path
-from .metadata import FileAttributes, MetadataIndex, from_metadata, to_metadata
+from .metadata import (
+    USER_METADATA_LIMIT,
+    FileAttributes,
+    MetadataIndex,
+    XattrSealer,
+    from_metadata,
+    metadata_size,
+    to_metadata,
+)
 from .readahead import SequentialReader
 from .store import ObjectInfo, ObjectStore
 from .uploader import WriteBack, copy_object
@@ -77,8 +85,9 @@ class Handle:
 class Filesystem:
     """Paths and file handles on top of one bucket prefix."""
 
-    def __init__(self, config: Config, store: ObjectStore, cache: BlockCache) -> None:
+    def __init__(self, config: Config, store: ObjectStore, cache: BlockCache, xattr_sealer: XattrSealer) -> None:
         self.config = config
+        self.xattr_sealer = xattr_sealer
         self.store = store
         self.cache = cache
         self.prefix = config.key_prefix
@@ -516,9 +525,13 @@ class Filesystem:
         if mode is not None:
             mode = stat.S_IFMT(current.mode or (stat.S_IFDIR if node.is_dir else stat.S_IFREG)) | (mode & 0o7777)
         wanted = current.with_changes(mode=mode, uid=uid, gid=gid, mtime=mtime)
+        await self._store_attributes(node, current, wanted)
+        return node
+
+    async def _store_attributes(self, node: Node, current: FileAttributes, wanted: FileAttributes) -> None:
         if node.is_dir or wanted == current:
             self.inodes.apply_attributes(node, wanted)
-            return node
+            return
         object_key = self.object_key(node.path)
         entry = self.cache.entry(object_key)
         if entry is not None and (entry.dirty or not node.etag):
@@ -536,7 +549,47 @@ class Filesystem:
                 self.cache.save(entry)
         self.inodes.apply_attributes(node, wanted)
         self.inodes.note_child(node.parent_path, node.name, self.inodes.directory_entry(node))
-        return node
+
+    # ------------------------------------------------------------------ extended attributes
+
+    async def _xattrs(self, inode: int) -> tuple[Node, dict[bytes, bytes]]:
+        node = await self.getattr(inode)
+        try:
+            return node, self.xattr_sealer.open(node.xattrs)
+        except ValueError as error:
+            raise FsError(errno.EIO, f"{node.path!r}: {error}") from None
+
+    async def getxattr(self, inode: int, name: bytes) -> bytes:
+        _node, xattrs = await self._xattrs(inode)
+        if name not in xattrs:
+            raise FsError(errno.ENODATA)
+        return xattrs[name]
+
+    async def listxattr(self, inode: int) -> list[bytes]:
+        return sorted((await self._xattrs(inode))[1])
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes) -> None:
+        """Only ``user.*`` (what S3 metadata can carry for any user); sealed, within S3's 2 KiB."""
+        self._check_writable_mount()
+        if not name.startswith(b"user.") or len(name) <= len(b"user."):
+            raise FsError(errno.ENOTSUP)
+        node, xattrs = await self._xattrs(inode)
+        await self._store_xattrs(node, {**xattrs, name: value})
+
+    async def removexattr(self, inode: int, name: bytes) -> None:
+        self._check_writable_mount()
+        node, xattrs = await self._xattrs(inode)
+        if name not in xattrs:
+            raise FsError(errno.ENODATA)
+        del xattrs[name]
+        await self._store_xattrs(node, xattrs)
+
+    async def _store_xattrs(self, node: Node, xattrs: dict[bytes, bytes]) -> None:
+        current = self.inodes.attributes_of(node)
+        wanted = replace(current, xattrs=self.xattr_sealer.seal(xattrs))
+        if metadata_size(to_metadata(wanted)) > USER_METADATA_LIMIT:
+            raise FsError(errno.E2BIG, "S3 keeps at most 2 KiB of metadata per object")
+        await self._store_attributes(node, current, wanted)
 
     async def _truncate_entry(self, node: Node, entry: Entry, size: int, *, seal: bool = False) -> None:
         """Truncate under the entry lock; ``seal`` makes it durable at once (no handle will close it)."""

@@ -1,0 +1,76 @@
+"""Unit tests: s3fs-compatible attribute encoding, the sealed xattrs, and the metadata index."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from ssefs.metadata import (
+    FileAttributes,
+    MetadataIndex,
+    XattrSealer,
+    format_seconds,
+    from_metadata,
+    metadata_size,
+    to_metadata,
+)
+
+
+def test_s3fs_encodings_round_trip() -> None:
+    attributes = FileAttributes(stat.S_IFREG | 0o640, 1000, 100, 1_700_000_000.123456789)
+    metadata = to_metadata(attributes)
+    assert {name: metadata[name] for name in ("mode", "uid", "gid")} == {"mode": "33184", "uid": "1000", "gid": "100"}
+    assert metadata["mtime"].startswith("1700000000.1234567")  # nine digits of fraction, as s3fs writes them
+    assert len(metadata["mtime"].partition(".")[2]) == 9
+    back = from_metadata(metadata)
+    assert (back.mode, back.uid, back.gid) == (0o100640, 1000, 100)
+    assert back.mtime is not None and abs(back.mtime - attributes.mtime) < 1e-6  # type: ignore[operator]
+    assert format_seconds(1_600_000_000.0) == "1600000000"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ({"Mode": "33188", "UID": "7"}, FileAttributes(0o100644, 7, None, None)),  # any case
+        ({"mode": "420"}, FileAttributes(0o100644, None, None, None)),  # permission bits only
+        ({"mode": "abc", "uid": "-1", "gid": "99999999999", "mtime": "x"}, FileAttributes()),
+        ({"mtime": "1600000000"}, FileAttributes(mtime=1_600_000_000.0)),
+        ({"mtime": "1600000000.5"}, FileAttributes(mtime=1_600_000_000.5)),
+        ({"other": "kept out"}, FileAttributes()),
+    ],
+)
+def test_malformed_or_partial_metadata_falls_back(metadata: dict[str, str], expected: FileAttributes) -> None:
+    assert from_metadata(metadata) == expected
+
+
+def test_xattrs_sealed_and_opened_only_with_the_key() -> None:
+    sealer = XattrSealer(os.urandom(32))
+    xattrs = {b"user.a": b"\x00\xff", b"user.long": b"v" * 500}
+    blob = sealer.seal(xattrs)
+    assert blob is not None and "user.a" not in blob
+    assert sealer.open(blob) == xattrs
+    assert sealer.seal({}) is None and sealer.open(None) == {}
+    assert sealer.seal(xattrs) != blob  # a fresh nonce each time
+    with pytest.raises(ValueError, match="another key"):
+        XattrSealer(os.urandom(32)).open(blob)
+    with pytest.raises(ValueError):
+        sealer.open(blob[:-8] + "AAAAAAAA")
+    assert metadata_size({"mode": "33188"}) == len("x-amz-meta-mode") + 5
+
+
+def test_index_answers_only_for_the_same_etag_and_survives_reopening(tmp_path: Path) -> None:
+    index = MetadataIndex(tmp_path)
+    attributes = FileAttributes(0o100600, 1, 2, 3.5, "sealed")
+    index.put("dir/file", "etag-1", attributes)
+    assert index.get("dir/file", "etag-1") == attributes
+    assert index.get("dir/file", "etag-2") is None
+    assert index.get("dir/file", "") is None
+    index.close()
+    reopened = MetadataIndex(tmp_path)
+    assert reopened.get("dir/file", "etag-1") == attributes
+    assert oct(os.stat(tmp_path / "metadata.sqlite").st_mode & 0o777) == "0o600"
+    reopened.forget("dir/file")
+    assert reopened.get("dir/file", "etag-1") is None
