@@ -185,7 +185,7 @@ class Operations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self._entry(await self.fs.mkdir(parent_inode, name))
+        return self._entry(await self.fs.mkdir(parent_inode, name, mode=mode, uid=ctx.uid, gid=ctx.gid))
 
     @translated
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -32,6 +32,7 @@ import trio
 from .cache import BLOCK_SIZE, BlockCache, Entry
 from .cachedfile import CachedFile, PlaintextBlocks
 from .config import MAX_PART_SIZE, Config
+from .dirattrs import SIDECAR_NAME, DirectoryAttributes
 from .errors import NoSuchObject, ServerUnavailable, SsefsError, unwrap_group
 from .inodes import ROOT_INODE, CachedListing, DirectoryEntry, InodeTable, Node, child_path
 from .metadata import (
@@ -93,6 +94,7 @@ class Filesystem:
         self.prefix = config.key_prefix
         self.inodes = InodeTable(ttl=config.mount.attr_timeout)
         self.metadata = MetadataIndex(cache.directory)
+        self.directory_attributes = DirectoryAttributes(store)
         self.writeback = WriteBack(
             cache, store, config.s3, delay=config.cache.writeback_delay, cached_file=self.cached_file,
             on_uploaded=self._uploaded,
@@ -190,6 +192,8 @@ class Filesystem:
             text = name.decode("utf-8")
         except UnicodeDecodeError:
             raise FsError(errno.EINVAL, "names must be UTF-8 to become S3 keys") from None
+        if text == SIDECAR_NAME:
+            raise FsError(errno.EINVAL, f"{SIDECAR_NAME} is reserved for directory attributes")
         # SeaweedFS turns a backslash into a path separator; refuse rather than corrupt.
         if "\\" in text:
             raise FsError(errno.EINVAL, "names with a backslash are not supported")
@@ -261,7 +265,11 @@ class Filesystem:
             self.inodes.update_from_entry(node, listed)
             return node
         if is_dir:
-            return self.inodes.node_for(path, is_dir=True)
+            node = self.inodes.node_for(path, is_dir=True)
+            stored = await self._stored_directory_attributes(parent.path, name)
+            if stored is not None:
+                self.inodes.apply_attributes(node, stored)
+            return node
         if found is None:
             raise FsError(errno.ENOENT)
         node = self.inodes.node_for(path, is_dir=False)
@@ -321,6 +329,13 @@ class Filesystem:
                     children[name] = local
         return sorted(children.items())
 
+    async def _stored_directory_attributes(self, parent_path: str, name: str) -> FileAttributes | None:
+        """The stored attributes of one subdirectory, without listing its parent."""
+        prefix = self.directory_prefix(parent_path)
+        sidecar = await self.store.first_object_with_prefix(prefix + SIDECAR_NAME)
+        etag = sidecar.etag if sidecar is not None and sidecar.key == prefix + SIDECAR_NAME else None
+        return (await self.directory_attributes.load(prefix, etag)).get(name)
+
     def _worth_relisting(self, path: str) -> bool:
         """Whether to answer a lookup in ``path`` by listing it again rather than probing one name.
 
@@ -356,11 +371,17 @@ class Filesystem:
             name = info.key[len(self.directory_prefix(path)):]
             if _showable(name):
                 entries[name] = DirectoryEntry(name, False, info.size, info.mtime, info.etag)
+        sidecar_key = self.directory_prefix(path) + SIDECAR_NAME
+        sidecar = next((info for info in listing.objects if info.key == sidecar_key), None)
+        directories = await self.directory_attributes.load(
+            self.directory_prefix(path), sidecar.etag if sidecar is not None else None
+        )
         for name in listing.prefixes:
             # A name that is both an object and a prefix shows as the directory.
-            # S3 keeps no time for a prefix: directories show the mount's start time.
+            # S3 keeps no time for a prefix: directories show the mount's start time
+            # unless their attributes were stored.
             if _showable(name):
-                entries[name] = DirectoryEntry(name, True, mtime=self.started_at)
+                entries[name] = DirectoryEntry(name, True, mtime=self.started_at, attributes=directories.get(name))
         return entries
 
     async def _fill_attributes(self, prefix: str, files: list[DirectoryEntry]) -> None:
@@ -529,8 +550,13 @@ class Filesystem:
         return node
 
     async def _store_attributes(self, node: Node, current: FileAttributes, wanted: FileAttributes) -> None:
-        if node.is_dir or wanted == current:
+        if wanted == current or node.inode == ROOT_INODE:
+            self.inodes.apply_attributes(node, wanted)  # the root has no parent to keep them in
+            return
+        if node.is_dir:
+            await self.directory_attributes.set(self.directory_prefix(node.parent_path), node.name, wanted)
             self.inodes.apply_attributes(node, wanted)
+            self.inodes.note_child(node.parent_path, node.name, self.inodes.directory_entry(node))
             return
         object_key = self.object_key(node.path)
         entry = self.cache.entry(object_key)
@@ -688,15 +714,19 @@ class Filesystem:
         if unopened:
             self.writeback.schedule(entry)
 
-    async def mkdir(self, parent_inode: int, name_bytes: bytes) -> Node:
+    async def mkdir(self, parent_inode: int, name_bytes: bytes, *, mode: int, uid: int, gid: int) -> Node:
         self._check_writable_mount()
         parent = self._directory(parent_inode)
         name = self._valid_name(name_bytes, parent)
         path = child_path(parent.path, name)
         await self.store.put_directory_marker(self.directory_prefix(path))
         node = self.inodes.node_for(path, is_dir=True)
-        node.mtime = time.time()
-        self.inodes.note_child(parent.path, name, DirectoryEntry(name, True, mtime=node.mtime))
+        attributes = FileAttributes(stat.S_IFDIR | (mode & 0o7777), uid, gid, time.time())
+        mount = self.config.mount
+        if (mode & 0o7777, uid, gid) != (mount.dir_mode, mount.uid, mount.gid):
+            await self.directory_attributes.set(self.directory_prefix(parent.path), name, attributes)
+        self.inodes.apply_attributes(node, attributes)
+        self.inodes.note_child(parent.path, name, self.inodes.directory_entry(node))
         # A new directory is empty: lookups in it need not ask S3 (tar, cp -r, git checkout).
         self.inodes.store_listing(path, {})
         return node
@@ -707,11 +737,17 @@ class Filesystem:
         if not node.is_dir:
             raise FsError(errno.ENOTDIR)
         prefix = self.directory_prefix(node.path)
-        remaining = [key for key in await self.store.keys_with_prefix(prefix, 2) if key != prefix]
+        remaining = [key for key in await self.store.keys_with_prefix(prefix, 3)
+                     if key not in (prefix, prefix + SIDECAR_NAME)]
         local_children = any(entry.object_key.startswith(prefix) for entry in self.cache.dirty_entries())
         if remaining or local_children:
             raise FsError(errno.ENOTEMPTY)
-        await self.store.delete(prefix)
+        for key in (prefix + SIDECAR_NAME, prefix):
+            try:
+                await self.store.delete(key)
+            except NoSuchObject:
+                pass
+        await self.directory_attributes.set(self.directory_prefix(node.parent_path), node.name, None)
         self.inodes.invalidate_listing(node.path)
         self.inodes.remove_path(node.path)
 
@@ -868,7 +904,12 @@ class Filesystem:
             await self._discard_entry(new_prefix + old_key[len(old_prefix):])
             async with entry.lock:
                 self.cache.rename_entry(entry, new_prefix + old_key[len(old_prefix):])
+        attributes = self.inodes.attributes_of(node)
+        old_parent, old_name = node.parent_path, node.name
         self.inodes.move_tree(node, target_path)
+        if attributes.mode is not None or attributes.uid is not None or attributes.xattrs:
+            await self.directory_attributes.set(self.directory_prefix(node.parent_path), node.name, attributes)
+        await self.directory_attributes.set(self.directory_prefix(old_parent), old_name, None)
         for entry in dirty.values():
             await self.writeback.upload(entry)
         # Everything is under the new name: now the old keys may go.
@@ -927,7 +968,7 @@ def _showable(name: str) -> bool:
         bool(name)
         and "/" not in name
         and "\\" not in name
-        and name not in (".", "..")
+        and name not in (".", "..", SIDECAR_NAME)
         and len(name.encode()) <= NAME_MAX
     )
 
