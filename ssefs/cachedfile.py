@@ -96,11 +96,14 @@ class CachedFile:
         # that would free space needs. Writers wait for space before taking the lock.
         self.cache.evict_clean(BLOCK_SIZE, storing_for=self.entry)
         stored = await self.cache.write_block(self.entry, index, plaintext, dirty=dirty, still_wanted=still_wanted)
-        if stored:
-            # What was just stored is the block's current content (a dirty block
-            # is stored under the entry lock, a fetched one only if untouched);
-            # this also replaces copies remembered while it was being stored.
+        if stored and not dirty:
+            # A fetched block stored only if untouched is the block's current
+            # content: keep it in memory for the reader that asked for it (this
+            # also replaces copies remembered while it was being stored).
             self._plaintext.put(self.entry.uid, index, self.entry.generation, plaintext)
+        elif stored:
+            # Written blocks are not kept (a writer rarely reads back); drop older copies.
+            self._forget_plaintext(index)
         return stored
 
     def _untouched(self, index: int, generation: int) -> bool:

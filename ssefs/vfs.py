@@ -101,9 +101,9 @@ class Filesystem:
         )
         # The CachedFile of each entry that is open; other entries get a fresh one per use.
         self._cached_files: dict[int, CachedFile] = {}
-        # 64 MiB in all: twice a read-ahead window (32 blocks), so blocks fetched ahead are
-        # still in memory when the reader gets to them.
-        self.plaintext_blocks = PlaintextBlocks(max_blocks=64)
+        # 40 MiB in all: more than a read-ahead window (32 blocks), so blocks fetched ahead are
+        # still in memory when the reader gets to them, and the daemon stays under 200 MiB.
+        self.plaintext_blocks = PlaintextBlocks(max_blocks=40)
         self._open_files: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = count(1)
