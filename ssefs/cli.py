@@ -12,6 +12,7 @@ that scrubs any encoding of the key should a library ever try to log it.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -130,11 +131,27 @@ def mount(
     run_mount(config, key, mountpoint, skip_key_check=skip_key_check, ready_fd=ready_fd)
 
 
+def _limit_malloc_arenas() -> None:
+    """Two glibc malloc arenas instead of one per thread (8 x cores by default).
+
+    Worker threads each allocating 1-8 MiB buffers in their own arena leave
+    memory fragmented across arenas: RSS grows by tens of MiB for nothing.
+    Must run before the first worker thread starts.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(ctypes.c_int(-8), ctypes.c_int(2))  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def run_mount(
     config: Config, key: SseKey, mountpoint: Path, *, skip_key_check: bool = False,
     ready_fd: int | None = None, on_ready_message: str | None = None,
 ) -> None:
     from .mount import serve  # pyfuse3 is imported only by commands that mount
+
+    _limit_malloc_arenas()
 
     def on_ready() -> None:
         if ready_fd is not None:
