@@ -76,6 +76,8 @@ BLOCK_SIZE = 1024 * 1024
 NONCE_BYTES = 12
 FORMAT_VERSION = "2"
 BLOCK_MAGIC = b"SSEFSB1\0"
+# Object keys never start with NUL: entries of files unlinked while open are renamed under it.
+UNLINKED_PREFIX = "\0unlinked/"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -179,6 +181,11 @@ class Entry:
     @property
     def dirty(self) -> bool:
         return self.generation != self.uploaded_generation
+
+    @property
+    def unlinked(self) -> bool:
+        """The file was unlinked while open: its data lives here until its last handle closes."""
+        return self.object_key.startswith(UNLINKED_PREFIX)
 
 
 @dataclass
@@ -287,6 +294,8 @@ class BlockCache:
             owner.generation = max(owner.generation, write_generation)
             if write_generation <= owner.uploaded_generation:
                 self._clean_lru[(entry_id, index)] = None
+        for entry in [entry for entry in self._entries.values() if entry.unlinked]:
+            self.drop_entry(entry)  # its handles died with the daemon that had them
         self._remove_orphan_files()
 
     def _remove_orphan_files(self) -> None:
@@ -332,7 +341,8 @@ class BlockCache:
         return list(self._entries.values())
 
     def dirty_entries(self) -> list[Entry]:
-        return [entry for entry in self._entries.values() if entry.dirty]
+        """Entries with changes to upload (not those of files unlinked while open)."""
+        return [entry for entry in self._entries.values() if entry.dirty and not entry.unlinked]
 
     def create_entry(
         self, object_key: str, *, base_etag: str, base_size: int, mtime: float, exists_in_s3: bool,
@@ -375,6 +385,20 @@ class BlockCache:
         # whatever it leaves is removed when it returns (or at the next start).
         shutil.rmtree(self.blocks_dir / str(entry.id), ignore_errors=True)
         self._signal_space()
+
+    def unlink_entry(self, entry: Entry) -> None:
+        """Detach an entry from its name: it serves the file's open handles and is never uploaded.
+
+        Call after making every block of it local and dirty (so none is evicted or
+        fetched from the object, which is about to be deleted).
+        """
+        if self._by_key.get(entry.object_key) is entry:
+            del self._by_key[entry.object_key]
+        entry.object_key = f"{UNLINKED_PREFIX}{entry.id}"
+        entry.base_key, entry.base_valid = None, 0
+        with self._transaction():
+            self._db.execute("UPDATE entries SET object_key = ? WHERE id = ?", (entry.object_key, entry.id))
+        self._save_entry(entry)
 
     def rename_entry(self, entry: Entry, new_key: str) -> None:
         replaced = self._by_key.get(new_key)

@@ -282,6 +282,16 @@ class CachedFile:
             self.entry.size = max(self.entry.size, position)
         return len(data)
 
+    async def make_local(self) -> None:
+        """Hold every byte of the file in the cache as a change, so nothing depends on the object
+        any more (it is about to be deleted while the file is still open) and nothing is evicted."""
+        mtime = self.entry.mtime
+        self.cache.record_change(self.entry)
+        self.entry.mtime = mtime
+        await self.seal_hot()
+        for index in range((self.entry.size + BLOCK_SIZE - 1) // BLOCK_SIZE):
+            await self._store(index, await self._block(index, keep=False), dirty=True)
+
     async def truncate(self, size: int) -> None:
         self.cache.record_change(self.entry)
         if self._hot_index is not None and self._hot_index * BLOCK_SIZE >= size:

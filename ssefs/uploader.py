@@ -170,6 +170,8 @@ class WriteBack:
 
     def schedule(self, entry: Entry, delay: float | None = None) -> None:
         """Upload ``entry`` after ``delay`` (default: the write-back delay) unless it changes again."""
+        if entry.unlinked:
+            return
         self._due[entry.id] = trio.current_time() + (self.delay if delay is None else delay)
         self._wakeup.set()
 
@@ -237,7 +239,7 @@ class WriteBack:
     async def upload(self, entry: Entry) -> None:
         """Upload the entry's current generation now; returns when it is durable in S3."""
         async with entry.lock:
-            if not entry.dirty or not self.cache.is_live(entry):
+            if not entry.dirty or not self.cache.is_live(entry) or entry.unlinked:
                 return
             cached_file = self._cached_file(entry)
             await cached_file.seal_hot()

@@ -72,7 +72,8 @@ class OpenFile:
 
     node: Node
     handles: int = 0
-    unlinked: bool = False
+    # Set once the file is unlinked while open: the detached cache entry holding its data.
+    unlinked_entry: Entry | None = None
 
 
 @dataclass
@@ -280,8 +281,9 @@ class Filesystem:
 
     async def getattr(self, inode: int) -> Node:
         node = self._node(inode)
-        if node.is_dir:
-            return node
+        open_file = self._open_files.get(inode)
+        if node.is_dir or (open_file is not None and open_file.unlinked_entry is not None):
+            return node  # an unlinked open file is known only here
         if self._local_node(node.path) is not None or self.inodes.is_fresh(node):
             return node
         listing = self.inodes.cached_listing(node.parent_path)
@@ -631,7 +633,7 @@ class Filesystem:
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._handle(fh)
         node = handle.open_file.node
-        entry = handle.entry or self.cache.entry(self.object_key(node.path))
+        entry = handle.entry or handle.open_file.unlinked_entry or self.cache.entry(self.object_key(node.path))
         if entry is None:
             if node.size == 0 and not node.etag:
                 return b""
@@ -666,6 +668,8 @@ class Filesystem:
     async def fsync(self, fh: int) -> None:
         """fsync(): return only when the file's current data is durable in S3."""
         handle = self._handle(fh)
+        if handle.open_file.unlinked_entry is not None:
+            return  # nothing to make durable: the file has no name any more
         entry = handle.entry or self.cache.entry(self.object_key(handle.open_file.node.path))
         if entry is not None and entry.dirty and self.cache.is_live(entry):
             await self.writeback.upload(entry)
@@ -681,7 +685,7 @@ class Filesystem:
         entry = handle.entry
         if entry is not None:
             entry.open_writers -= 1
-            if entry.open_writers == 0 and self.cache.is_live(entry):
+            if entry.open_writers == 0 and self.cache.is_live(entry) and not entry.unlinked:
                 if entry.dirty:
                     async with entry.lock:
                         await self.cached_file(entry).seal_hot()
@@ -690,6 +694,12 @@ class Filesystem:
         if open_file.handles == 0:
             del self._open_files[node.inode]
             self.inodes.drop_if_unused(node)
+            if open_file.unlinked_entry is not None:
+                # The last handle of a file unlinked while open: its data goes now.
+                self._cached_files.pop(open_file.unlinked_entry.id, None)
+                async with open_file.unlinked_entry.lock:
+                    self.cache.drop_entry(open_file.unlinked_entry)
+                return
             closed = self.cache.entry(self.object_key(node.path))
             if closed is not None and closed.open_writers == 0:
                 self._cached_files.pop(closed.id, None)
@@ -704,7 +714,13 @@ class Filesystem:
             raise FsError(errno.EISDIR)
         if size > MAX_PART_SIZE * 10_000:
             raise FsError(errno.EFBIG)
-        entry = self._entry_for(node)
+        handle = self._handles.get(fh) if fh is not None else None
+        open_file = self._open_files.get(inode)
+        entry = (handle.entry if handle is not None else None) \
+            or (open_file.unlinked_entry if open_file is not None else None) or self._entry_for(node)
+        if entry.unlinked:
+            await self._truncate_entry(node, entry, size)
+            return
         unopened = entry.open_writers == 0
         entry.open_writers += 1  # in use: waiting for cache space must not let it be forgotten
         try:
@@ -781,10 +797,20 @@ class Filesystem:
         if node.is_dir:
             raise FsError(errno.EISDIR)
         open_file = self._open_files.get(node.inode)
-        if open_file is not None:
-            open_file.unlinked = True
-        await self._discard_entry(self.object_key(node.path))
-        await self.store.delete(self.object_key(node.path))
+        object_key = self.object_key(node.path)
+        if open_file is not None and open_file.unlinked_entry is None:
+            # Still open: its handles keep reading and writing the data, which must
+            # first all be local (the object goes now) and is never uploaded again.
+            entry = self.cache.entry(object_key) or self._entry_for(node)
+            await self.cache.ensure_space(entry.size + 2 * BLOCK_SIZE, self.writeback.make_room)
+            async with entry.lock:
+                self.writeback.forget(entry)
+                await self.cached_file(entry).make_local()
+                self.cache.unlink_entry(entry)
+            open_file.unlinked_entry = entry
+        else:
+            await self._discard_entry(object_key)
+        await self.store.delete(object_key)
         self.metadata.forget(self.object_key(node.path))
         self.inodes.remove_path(node.path)
 
