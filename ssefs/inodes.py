@@ -261,11 +261,15 @@ class InodeTable:
         attrs.generation = 0
         attrs.entry_timeout = self.ttl
         attrs.attr_timeout = self.ttl
-        kinds = (stat.S_IFDIR,) if node.is_dir else (stat.S_IFREG, stat.S_IFLNK)
-        if node.mode is not None and stat.S_IFMT(node.mode) in kinds:
+        kind = stat.S_IFDIR if node.is_dir else stat.S_IFREG
+        if node.mode is None:
+            attrs.st_mode = kind | (dir_mode if node.is_dir else file_mode)
+        elif not node.is_dir and stat.S_ISLNK(node.mode):
             attrs.st_mode = node.mode
         else:
-            attrs.st_mode = kinds[0] | (dir_mode if node.is_dir else file_mode)
+            # Served as what it is here (a FIFO or device stored by s3fs reads as a regular
+            # file), with the permission bits stored, so chmod shows.
+            attrs.st_mode = kind | stat.S_IMODE(node.mode)
         if node.is_dir:
             attrs.st_nlink = 2
             attrs.st_size = 0

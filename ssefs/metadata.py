@@ -65,8 +65,12 @@ class FileAttributes:
 NO_ATTRIBUTES = FileAttributes()
 
 
+def _digits(text: str) -> bool:
+    return bool(text) and text.isascii() and text.isdigit()
+
+
 def _integer(value: str | None, upper: int) -> int | None:
-    if value is None or not value.strip().isdigit():
+    if value is None or not _digits(value.strip()):
         return None
     number = int(value)
     return number if number < upper else None
@@ -76,7 +80,7 @@ def _seconds(value: str | None) -> float | None:
     if value is None:
         return None
     whole, _, fraction = value.strip().partition(".")
-    if not whole.lstrip("-").isdigit() or (fraction and not fraction.isdigit()):
+    if not _digits(whole.removeprefix("-")) or (fraction and not _digits(fraction)):
         return None
     seconds = int(whole) + (int(fraction[:9].ljust(9, "0")) / 1e9 if fraction else 0.0)
     return seconds if abs(seconds) < 2**40 else None
@@ -167,7 +171,15 @@ class XattrSealer:
 
 
 class MetadataIndex:
-    """Attributes of objects by key, valid while the object keeps the ETag they were read with."""
+    """Attributes of objects by key, valid while the object keeps the ETag and LastModified
+    (to the second) they were read with.
+
+    The ETag alone is not enough: a metadata-only change (an s3fs chmod is a
+    self-copy) keeps the data and so, on servers whose ETag is the data's MD5,
+    the ETag. Attributes recorded from our own uploads and copies have no
+    LastModified yet (S3 does not return it): the first listing that shows the
+    same ETag supplies it.
+    """
 
     def __init__(self, directory: Path) -> None:
         path = Path(directory) / "metadata.sqlite"
@@ -177,37 +189,47 @@ class MetadataIndex:
         # A lost update only costs a HEAD later: no fsync.
         self._db.execute("PRAGMA synchronous=OFF")
         columns = [row[1] for row in self._db.execute("PRAGMA table_info(attributes)")]
-        if columns and "xattrs" not in columns:
+        if columns and "last_modified" not in columns:
             self._db.execute("DROP TABLE attributes")  # an older layout: it is only a cache
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS attributes (object_key TEXT PRIMARY KEY, etag TEXT NOT NULL, "
-            "mode INTEGER, uid INTEGER, gid INTEGER, mtime REAL, xattrs TEXT)"
+            "last_modified INTEGER, mode INTEGER, uid INTEGER, gid INTEGER, mtime REAL, xattrs TEXT)"
         )
-        self._known: dict[str, tuple[str, FileAttributes]] = {
-            key: (etag, FileAttributes(mode, uid, gid, mtime, xattrs))
-            for key, etag, mode, uid, gid, mtime, xattrs in self._db.execute("SELECT * FROM attributes")
+        self._known: dict[str, tuple[str, int | None, FileAttributes]] = {
+            key: (etag, last_modified, FileAttributes(mode, uid, gid, mtime, xattrs))
+            for key, etag, last_modified, mode, uid, gid, mtime, xattrs in self._db.execute(
+                "SELECT * FROM attributes"
+            )
         }
 
-    def get(self, object_key: str, etag: str) -> FileAttributes | None:
+    def get(self, object_key: str, etag: str, last_modified: float) -> FileAttributes | None:
         known = self._known.get(object_key)
         if known is None or known[0] != etag or not etag:
             return None
-        return known[1]
+        if known[1] is None:
+            self.put(object_key, etag, known[2], last_modified)
+        elif known[1] != int(last_modified):
+            return None
+        return known[2]
 
-    def put(self, object_key: str, etag: str, attributes: FileAttributes) -> None:
-        if self._known.get(object_key) == (etag, attributes):
+    def put(
+        self, object_key: str, etag: str, attributes: FileAttributes, last_modified: float | None = None
+    ) -> None:
+        row = (etag, None if last_modified is None else int(last_modified), attributes)
+        if self._known.get(object_key) == row:
             return
-        self._known[object_key] = (etag, attributes)
+        self._known[object_key] = row
         self._db.execute(
-            "INSERT OR REPLACE INTO attributes VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (object_key, etag, attributes.mode, attributes.uid, attributes.gid, attributes.mtime, attributes.xattrs),
+            "INSERT OR REPLACE INTO attributes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (object_key, etag, row[1], attributes.mode, attributes.uid, attributes.gid, attributes.mtime,
+             attributes.xattrs),
         )
 
-    def put_many(self, rows: list[tuple[str, str, FileAttributes]]) -> None:
+    def put_many(self, rows: list[tuple[str, str, FileAttributes, float]]) -> None:
         self._db.execute("BEGIN")
         try:
-            for object_key, etag, attributes in rows:
-                self.put(object_key, etag, attributes)
+            for object_key, etag, attributes, last_modified in rows:
+                self.put(object_key, etag, attributes, last_modified)
         finally:
             self._db.execute("COMMIT")
 

@@ -391,14 +391,14 @@ class Filesystem:
         ETag is the one it knows, else by keyed HEADs, many at once."""
         missing = []
         for listed in files:
-            known = self.metadata.get(prefix + listed.name, listed.etag)
+            known = self.metadata.get(prefix + listed.name, listed.etag, listed.mtime)
             if known is not None:
                 listed.attributes = known
             else:
                 missing.append(listed)
         if not missing:
             return
-        learned: list[tuple[str, str, FileAttributes]] = []
+        learned: list[tuple[str, str, FileAttributes, float]] = []
 
         async def head(listed: DirectoryEntry) -> None:
             try:
@@ -408,7 +408,7 @@ class Filesystem:
                 log.debug("no attributes for %r: %s", prefix + listed.name, error)
                 return
             listed.attributes = from_metadata(info.metadata)
-            learned.append((prefix + listed.name, info.etag, listed.attributes))
+            learned.append((prefix + listed.name, info.etag, listed.attributes, info.mtime))
 
         try:
             async with trio.open_nursery() as nursery:
@@ -546,7 +546,8 @@ class Filesystem:
         node = await self.getattr(inode)
         current = self.inodes.attributes_of(node)
         if mode is not None:
-            mode = stat.S_IFMT(current.mode or (stat.S_IFDIR if node.is_dir else stat.S_IFREG)) | (mode & 0o7777)
+            kind = stat.S_IFDIR if node.is_dir else stat.S_IFLNK if self.inodes.is_symlink(node) else stat.S_IFREG
+            mode = kind | (mode & 0o7777)
         wanted = current.with_changes(mode=mode, uid=uid, gid=gid, mtime=mtime)
         await self._store_attributes(node, current, wanted)
         return node
@@ -899,7 +900,7 @@ class Filesystem:
                     await self.store.put_directory_marker(new_key)
                     copied.append((info.key, new_key, "", FileAttributes()))
                     return
-                attributes = self.metadata.get(info.key, info.etag)
+                attributes = self.metadata.get(info.key, info.etag, info.mtime)
                 if attributes is None:
                     attributes = from_metadata((await self.store.head(info.key)).metadata)
                 etag = await copy_object(self.store, self.config.s3, info, new_key, to_metadata(attributes))

@@ -40,6 +40,7 @@ def test_s3fs_encodings_round_trip() -> None:
         ({"mtime": "1600000000"}, FileAttributes(mtime=1_600_000_000.0)),
         ({"mtime": "1600000000.5"}, FileAttributes(mtime=1_600_000_000.5)),
         ({"other": "kept out"}, FileAttributes()),
+        ({"mode": "²", "uid": "١٢", "mtime": "³.5"}, FileAttributes()),  # digits, but not ASCII ones
     ],
 )
 def test_malformed_or_partial_metadata_falls_back(metadata: dict[str, str], expected: FileAttributes) -> None:
@@ -64,13 +65,15 @@ def test_xattrs_sealed_and_opened_only_with_the_key() -> None:
 def test_index_answers_only_for_the_same_etag_and_survives_reopening(tmp_path: Path) -> None:
     index = MetadataIndex(tmp_path)
     attributes = FileAttributes(0o100600, 1, 2, 3.5, "sealed")
-    index.put("dir/file", "etag-1", attributes)
-    assert index.get("dir/file", "etag-1") == attributes
-    assert index.get("dir/file", "etag-2") is None
-    assert index.get("dir/file", "") is None
+    index.put("dir/file", "etag-1", attributes)  # our own upload: LastModified not known yet
+    assert index.get("dir/file", "etag-1", 1000.4) == attributes  # the first listing supplies it
+    assert index.get("dir/file", "etag-1", 1000.9) == attributes  # same second
+    assert index.get("dir/file", "etag-1", 1002.0) is None  # same data, metadata rewritten later
+    assert index.get("dir/file", "etag-2", 1000.4) is None
+    assert index.get("dir/file", "", 1000.4) is None
     index.close()
     reopened = MetadataIndex(tmp_path)
-    assert reopened.get("dir/file", "etag-1") == attributes
+    assert reopened.get("dir/file", "etag-1", 1000.0) == attributes
     assert oct(os.stat(tmp_path / "metadata.sqlite").st_mode & 0o777) == "0o600"
     reopened.forget("dir/file")
-    assert reopened.get("dir/file", "etag-1") is None
+    assert reopened.get("dir/file", "etag-1", 1000.0) is None
