@@ -111,8 +111,9 @@ class MountSettings:
     allow_other: bool = False
     read_only: bool = False
     # Seconds the kernel and ssefs trust attributes and listings before asking S3
-    # again. Short, because other clients may change a shared bucket.
-    attr_timeout: float = 1.0
+    # again: short, because other clients may change a shared bucket, yet long
+    # enough that a command's many lookups (ls -l, a build, tar) share one listing.
+    attr_timeout: float = 5.0
     skip_key_check: bool = False
     # The kernel's read-ahead for this mount: how far ahead of a sequential
     # reader it asks, and so how large its read requests get (up to 1 MiB).

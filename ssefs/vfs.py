@@ -311,11 +311,15 @@ class Filesystem:
         """A snapshot of a directory's children, sorted by name."""
         directory = self._directory(inode)
         listing = self.inodes.cached_listing(directory.path)
-        entries = (listing or await self._refresh_listing(directory.path)).entries
+        refreshed = listing is None
+        listing = listing or await self._refresh_listing(directory.path)
+        entries = listing.entries
         await self._fill_attributes(
             self.directory_prefix(directory.path),
             [listed for listed in entries.values() if not listed.is_dir and listed.attributes is None],
         )
+        if refreshed:
+            listing.fetched_at = time.monotonic()  # trusted from when its attributes were complete
         children: dict[str, Node] = {}
         for name, listed in entries.items():
             node = self.inodes.node_for(child_path(directory.path, name), is_dir=listed.is_dir)

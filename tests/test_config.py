@@ -99,7 +99,7 @@ def test_minimal_config_loads_with_defaults(tmp_path: Path) -> None:
     assert config.mount.dir_mode == 0o755
     assert config.mount.allow_other is False
     assert config.mount.read_only is False
-    assert config.mount.attr_timeout == 1.0
+    assert config.mount.attr_timeout == 5.0
     assert config.mount.skip_key_check is False
     assert config.mount.read_ahead == 4 * 1024 * 1024
 
