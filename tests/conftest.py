@@ -17,11 +17,13 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
 import pytest
 
 from ssefs.seaweed import SeaweedEndpoint, SeaweedServer
@@ -65,6 +67,36 @@ def sse_params(key: bytes) -> dict[str, str]:
         "SSECustomerKey": base64.b64encode(key).decode(),
         "SSECustomerKeyMD5": base64.b64encode(hashlib.md5(key).digest()).decode(),
     }
+
+def keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
+    """Every key in the bucket under ``prefix``, as the server lists them."""
+    found: set[str] = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        found.update(item["Key"] for item in page.get("Contents", []))
+    return found
+
+
+def server_bytes(s3: Any, bucket: str, key: str, sse_key: bytes) -> bytes:
+    response = s3.get_object(Bucket=bucket, Key=key, **sse_params(sse_key))
+    return bytes(response["Body"].read())
+
+
+def eventually_on_server(s3: Any, bucket: str, key: str, sse_key: bytes, expected: bytes | bytearray,
+                         timeout: float = 30.0) -> None:
+    """Write-back uploads a few seconds after close: wait until the server holds ``expected``."""
+    deadline = time.monotonic() + timeout
+    last: bytes | str = "nothing"
+    while time.monotonic() < deadline:
+        try:
+            last = server_bytes(s3, bucket, key, sse_key)
+            if last == expected:
+                return
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+            last = str(error)  # not there yet, or replaced while we read it
+        time.sleep(0.2)
+    shown = last[:80] if isinstance(last, bytes) else last
+    raise AssertionError(f"{key} never reached the expected content on the server (last: {shown!r})")
+
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 
 from ssefs.seaweed import SeaweedEndpoint, SeaweedServer
 
-from .conftest import Mount, send_signal_and_wait, sse_params, write_config
+from .conftest import Mount, eventually_on_server, send_signal_and_wait, sse_params, write_config
 
 pytestmark = pytest.mark.fuse
 
@@ -41,26 +41,8 @@ def cat(path: Path) -> bytes:
     return result.stdout
 
 
-def server_bytes(s3: Any, bucket: str, key: str, sse_key: bytes) -> bytes:
-    response = s3.get_object(Bucket=bucket, Key=key, **sse_params(sse_key))
-    return bytes(response["Body"].read())
 
 
-def eventually_on_server(s3: Any, bucket: str, key: str, sse_key: bytes, expected: bytes,
-                         timeout: float = 30.0) -> None:
-    """Write-back uploads a few seconds after close: wait until the server holds ``expected``."""
-    deadline = time.monotonic() + timeout
-    last: bytes | str = "nothing"
-    while time.monotonic() < deadline:
-        try:
-            last = server_bytes(s3, bucket, key, sse_key)
-            if last == expected:
-                return
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
-            last = str(error)  # not there yet, or replaced while we read it
-        time.sleep(0.2)
-    shown = last[:80] if isinstance(last, bytes) else last
-    raise AssertionError(f"{key} never reached the expected content on the server (last: {shown!r})")
 
 
 def client_error_status(call: Callable[[], Any]) -> int:

@@ -15,7 +15,7 @@ import pytest
 
 from ssefs.seaweed import SeaweedEndpoint
 
-from .conftest import Mount, sse_params, write_config
+from .conftest import Mount, keys, sse_params, write_config
 
 pytestmark = pytest.mark.fuse
 
@@ -31,11 +31,6 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-def keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
-    found: set[str] = set()
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        found.update(item["Key"] for item in page.get("Contents", []))
-    return found
 
 
 def test_directory_rename_moves_every_object_and_keeps_content(

@@ -72,8 +72,8 @@ async def test_errors_are_typed_and_never_contain_the_key(
         with pytest.raises(expected) as error:
             await call()
         caught.append(error.value)
-    for error in caught:
-        text = f"{error} {error!r}"
+    for failure in caught:
+        text = f"{failure} {failure!r}"
         for secret in sse_key.redaction_strings():
             assert secret not in text
         assert bucket in str(error)

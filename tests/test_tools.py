@@ -27,7 +27,7 @@ import pytest
 
 from ssefs.seaweed import SeaweedEndpoint
 
-from .conftest import Mount, sse_params, write_config
+from .conftest import Mount, keys, server_bytes, sse_params, write_config
 
 pytestmark = pytest.mark.fuse
 
@@ -43,11 +43,6 @@ def run(*command: str, cwd: Path | None = None, input_text: str | None = None) -
     return result.stdout
 
 
-def keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
-    found: set[str] = set()
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        found.update(item["Key"] for item in page.get("Contents", []))
-    return found
 
 
 def file_keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
@@ -55,24 +50,8 @@ def file_keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
     return {key for key in keys(s3, bucket, prefix) if not key.endswith("/")}
 
 
-def server_bytes(s3: Any, bucket: str, key: str, sse_key: bytes) -> bytes:
-    return bytes(s3.get_object(Bucket=bucket, Key=key, **sse_params(sse_key))["Body"].read())
 
 
-def eventually_on_server(s3: Any, bucket: str, key: str, sse_key: bytes, expected: bytes,
-                         timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    last: bytes | str = "nothing"
-    while time.monotonic() < deadline:
-        try:
-            last = server_bytes(s3, bucket, key, sse_key)
-            if last == expected:
-                return
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
-            last = str(error)
-        time.sleep(0.2)
-    shown = last[:80] if isinstance(last, bytes) else last
-    raise AssertionError(f"{key} never reached the expected content on the server (last: {shown!r})")
 
 
 def errno_of(call: Callable[[], Any]) -> int:

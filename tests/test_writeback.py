@@ -17,9 +17,8 @@ import pytest
 
 from ssefs.seaweed import SeaweedEndpoint
 
-from .conftest import Mount, is_mounted, sse_params, ssefs_command, write_config
+from .conftest import Mount, eventually_on_server, is_mounted, server_bytes, sse_params, ssefs_command, write_config
 from .proxy import TcpProxy
-from .test_fuse import eventually_on_server, server_bytes
 
 pytestmark = pytest.mark.fuse
 
