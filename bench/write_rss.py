@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -156,6 +157,8 @@ def main() -> None:
     finally:
         subprocess.run(["fusermount3", "-u", str(work / "mnt")], capture_output=True)
         server.stop()
+        # Several GiB of server volumes and cache: never leave them behind.
+        shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(json.dumps(results, indent=2))
     mib = 2**20

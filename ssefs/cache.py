@@ -95,7 +95,8 @@ CREATE TABLE IF NOT EXISTS entries (
     file_mode INTEGER,
     file_uid INTEGER,
     file_gid INTEGER,
-    file_xattrs TEXT
+    file_xattrs TEXT,
+    mtime_ns INTEGER
 );
 CREATE TABLE IF NOT EXISTS blocks (
     entry_id INTEGER NOT NULL,
@@ -155,14 +156,15 @@ class Entry:
     base_etag: str
     base_valid: int
     size: int
-    mtime: float
+    # Modification time, exactly as set (utimensat gives nanoseconds).
+    mtime_ns: int
     generation: int = 0
     uploaded_generation: int = 0
     lock: trio.Lock = field(default_factory=trio.Lock, repr=False, compare=False)
     # Block files written since the last sync, to fsync on the next one.
     unsynced: set[int] = field(default_factory=set, repr=False, compare=False)
     open_writers: int = 0
-    # Mode, owner and group to upload with the data (the time is ``mtime``).
+    # Mode, owner and group to upload with the data (the time is ``mtime_ns``).
     owner_mode: int | None = None
     owner_uid: int | None = None
     owner_gid: int | None = None
@@ -170,13 +172,13 @@ class Entry:
 
     @property
     def attributes(self) -> FileAttributes:
-        return FileAttributes(self.owner_mode, self.owner_uid, self.owner_gid, self.mtime, self.sealed_xattrs)
+        return FileAttributes(self.owner_mode, self.owner_uid, self.owner_gid, self.mtime_ns, self.sealed_xattrs)
 
     def set_attributes(self, attributes: FileAttributes) -> None:
         self.owner_mode, self.owner_uid, self.owner_gid = attributes.mode, attributes.uid, attributes.gid
         self.sealed_xattrs = attributes.xattrs
-        if attributes.mtime is not None:
-            self.mtime = attributes.mtime
+        if attributes.mtime_ns is not None:
+            self.mtime_ns = attributes.mtime_ns
 
     @property
     def dirty(self) -> bool:
@@ -240,7 +242,7 @@ class BlockCache:
         """Caches written before file attributes were kept get the columns (empty)."""
         present = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
         for column, kind in (("file_mode", "INTEGER"), ("file_uid", "INTEGER"), ("file_gid", "INTEGER"),
-                             ("file_xattrs", "TEXT")):
+                             ("file_xattrs", "TEXT"), ("mtime_ns", "INTEGER")):
             if column not in present:
                 self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
 
@@ -268,7 +270,8 @@ class BlockCache:
 
     def _load(self) -> None:
         for row in self._db.execute(
-            "SELECT id, uid, object_key, base_key, base_etag, base_valid, size, mtime, generation, "
+            "SELECT id, uid, object_key, base_key, base_etag, base_valid, size, "
+            "COALESCE(mtime_ns, CAST(mtime * 1e9 AS INTEGER)), generation, "
             "uploaded_generation, file_mode, file_uid, file_gid, file_xattrs FROM entries"
         ):
             entry = Entry(*row[:10])
@@ -345,7 +348,7 @@ class BlockCache:
         return [entry for entry in self._entries.values() if entry.dirty and not entry.unlinked]
 
     def create_entry(
-        self, object_key: str, *, base_etag: str, base_size: int, mtime: float, exists_in_s3: bool,
+        self, object_key: str, *, base_etag: str, base_size: int, mtime_ns: int, exists_in_s3: bool,
         attributes: FileAttributes = NO_ATTRIBUTES,
     ) -> Entry:
         """A new entry for ``object_key`` whose unstored bytes come from the object as it is now."""
@@ -356,15 +359,15 @@ class BlockCache:
         base_valid = base_size if exists_in_s3 else 0
         with self._transaction():
             cursor = self._db.execute(
-                "INSERT INTO entries (uid, object_key, base_key, base_etag, base_valid, size, mtime, generation, "
-                "uploaded_generation) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0)",
-                (uid, object_key, base_key, base_etag, base_valid, base_size, mtime),
+                "INSERT INTO entries (uid, object_key, base_key, base_etag, base_valid, size, mtime, mtime_ns, "
+                "generation, uploaded_generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0)",
+                (uid, object_key, base_key, base_etag, base_valid, base_size, mtime_ns / 1e9, mtime_ns),
             )
         entry_id = cursor.lastrowid
         assert entry_id is not None
-        entry = Entry(entry_id, uid, object_key, base_key, base_etag, base_valid, base_size, mtime)
+        entry = Entry(entry_id, uid, object_key, base_key, base_etag, base_valid, base_size, mtime_ns)
         entry.set_attributes(attributes)
-        entry.mtime = mtime
+        entry.mtime_ns = mtime_ns
         self._entries[entry.id] = entry
         self._by_key[object_key] = entry
         self._save_entry(entry)
@@ -428,7 +431,7 @@ class BlockCache:
         entry.generation += 1
         if size is not None:
             entry.size = size
-        entry.mtime = time.time()
+        entry.mtime_ns = time.time_ns()
 
     async def sync(self, entry: Entry) -> None:
         """Make the entry's stored blocks and state durable (close, fsync, before upload)."""
@@ -462,10 +465,10 @@ class BlockCache:
             self._db.execute("PRAGMA synchronous=FULL")
         try:
             self._db.execute(
-                "UPDATE entries SET base_key = ?, base_etag = ?, base_valid = ?, size = ?, mtime = ?, "
+                "UPDATE entries SET base_key = ?, base_etag = ?, base_valid = ?, size = ?, mtime = ?, mtime_ns = ?, "
                 "generation = ?, uploaded_generation = ?, file_mode = ?, file_uid = ?, file_gid = ?, file_xattrs = ? "
                 "WHERE id = ?",
-                (entry.base_key, entry.base_etag, entry.base_valid, entry.size, entry.mtime,
+                (entry.base_key, entry.base_etag, entry.base_valid, entry.size, entry.mtime_ns / 1e9, entry.mtime_ns,
                  entry.generation, entry.uploaded_generation, entry.owner_mode, entry.owner_uid, entry.owner_gid,
                  entry.sealed_xattrs, entry.id),
             )

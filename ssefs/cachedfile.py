@@ -285,9 +285,9 @@ class CachedFile:
     async def make_local(self) -> None:
         """Hold every byte of the file in the cache as a change, so nothing depends on the object
         any more (it is about to be deleted while the file is still open) and nothing is evicted."""
-        mtime = self.entry.mtime
+        mtime_ns = self.entry.mtime_ns
         self.cache.record_change(self.entry)
-        self.entry.mtime = mtime
+        self.entry.mtime_ns = mtime_ns
         await self.seal_hot()
         for index in range((self.entry.size + BLOCK_SIZE - 1) // BLOCK_SIZE):
             await self._store(index, await self._block(index, keep=False), dirty=True)

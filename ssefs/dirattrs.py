@@ -52,7 +52,7 @@ def decode(data: bytes) -> DirectoryMap:
         try:
             directories[str(name)] = FileAttributes(
                 mode=_int_or_none(fields.get("mode")), uid=_int_or_none(fields.get("uid")),
-                gid=_int_or_none(fields.get("gid")), mtime=_float_or_none(fields.get("mtime")),
+                gid=_int_or_none(fields.get("gid")), mtime_ns=_nanoseconds_or_none(fields.get("mtime_ns")),
                 xattrs=fields.get("xattrs") if isinstance(fields.get("xattrs"), str) else None,
             )
         except (AttributeError, TypeError, ValueError):
@@ -64,8 +64,8 @@ def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32 else None
 
 
-def _float_or_none(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+def _nanoseconds_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**62 else None
 
 
 class DirectoryAttributes:

@@ -119,7 +119,7 @@ class Operations(pyfuse3.Operations):
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
-            mtime=attr.st_mtime_ns / 1e9 if fields.update_mtime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
         return self.fs.attributes(node)
 

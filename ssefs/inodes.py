@@ -35,7 +35,7 @@ class Node:
     path: str
     is_dir: bool
     size: int = 0
-    mtime: float = 0.0
+    mtime_ns: int = 0
     etag: str = ""
     lookups: int = 0
     open_count: int = 0
@@ -72,7 +72,7 @@ class DirectoryEntry:
     name: str
     is_dir: bool
     size: int = 0
-    mtime: float = 0.0
+    mtime_ns: int = 0
     etag: str = ""
     # From the object's user metadata (or the metadata index); None until known.
     attributes: FileAttributes | None = None
@@ -97,7 +97,7 @@ class InodeTable:
         self._by_path: dict[str, Node] = {}
         self._next_inode = ROOT_INODE + 1
         self._listings: dict[str, CachedListing] = {}
-        root = Node(ROOT_INODE, "", is_dir=True, mtime=time.time(), lookups=1, checked_at=float("inf"))
+        root = Node(ROOT_INODE, "", is_dir=True, mtime_ns=time.time_ns(), lookups=1, checked_at=float("inf"))
         self._by_inode[ROOT_INODE] = root
         self._by_path[""] = root
 
@@ -133,8 +133,8 @@ class InodeTable:
         if node.etag and changed:
             node.page_cache_stale = True
         node.size, node.etag = entry.size, entry.etag
-        if entry.mtime or not node.mtime:
-            node.mtime = entry.mtime
+        if entry.mtime_ns or not node.mtime_ns:
+            node.mtime_ns = entry.mtime_ns
         if entry.attributes is not None:
             self.apply_attributes(node, entry.attributes)
         elif changed:
@@ -144,8 +144,8 @@ class InodeTable:
     @staticmethod
     def apply_attributes(node: Node, attributes: FileAttributes) -> None:
         node.mode, node.uid, node.gid, node.xattrs = attributes.mode, attributes.uid, attributes.gid, attributes.xattrs
-        if attributes.mtime is not None:
-            node.mtime = attributes.mtime
+        if attributes.mtime_ns is not None:
+            node.mtime_ns = attributes.mtime_ns
 
     @staticmethod
     def is_symlink(node: Node) -> bool:
@@ -153,7 +153,7 @@ class InodeTable:
 
     @staticmethod
     def attributes_of(node: Node) -> FileAttributes:
-        return FileAttributes(node.mode, node.uid, node.gid, node.mtime, node.xattrs)
+        return FileAttributes(node.mode, node.uid, node.gid, node.mtime_ns, node.xattrs)
 
     def is_fresh(self, node: Node) -> bool:
         return time.monotonic() - node.checked_at < self.ttl
@@ -220,7 +220,7 @@ class InodeTable:
 
     def directory_entry(self, node: Node) -> DirectoryEntry:
         """The node as its parent's listing would show it."""
-        return DirectoryEntry(node.name, node.is_dir, node.size, node.mtime, node.etag, self.attributes_of(node))
+        return DirectoryEntry(node.name, node.is_dir, node.size, node.mtime_ns, node.etag, self.attributes_of(node))
 
     # ---------------------------------------------------------------- listings
 
@@ -278,8 +278,7 @@ class InodeTable:
             attrs.st_size = node.size
         attrs.st_uid = uid if node.uid is None else node.uid
         attrs.st_gid = gid if node.gid is None else node.gid
-        mtime_ns = int(node.mtime * 1e9)
-        attrs.st_mtime_ns = attrs.st_ctime_ns = attrs.st_atime_ns = mtime_ns
+        attrs.st_mtime_ns = attrs.st_ctime_ns = attrs.st_atime_ns = node.mtime_ns
         attrs.st_blksize = 512 * 1024
         attrs.st_blocks = (attrs.st_size + 511) // 512
         return attrs

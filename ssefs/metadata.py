@@ -46,19 +46,20 @@ class FileAttributes:
     mode: int | None = None  # full st_mode, file type included
     uid: int | None = None
     gid: int | None = None
-    mtime: float | None = None
+    mtime_ns: int | None = None
     # Extended attributes as stored: sealed (see ``XattrSealer``), base64.
     xattrs: str | None = None
 
     def with_changes(
-        self, *, mode: int | None = None, uid: int | None = None, gid: int | None = None, mtime: float | None = None
+        self, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+        mtime_ns: int | None = None,
     ) -> FileAttributes:
         return replace(
             self,
             mode=self.mode if mode is None else mode,
             uid=self.uid if uid is None else uid,
             gid=self.gid if gid is None else gid,
-            mtime=self.mtime if mtime is None else mtime,
+            mtime_ns=self.mtime_ns if mtime_ns is None else mtime_ns,
         )
 
 
@@ -76,14 +77,16 @@ def _integer(value: str | None, upper: int) -> int | None:
     return number if number < upper else None
 
 
-def _seconds(value: str | None) -> float | None:
+def _nanoseconds(value: str | None) -> int | None:
+    """Seconds with an optional fraction (s3fs writes up to nine digits), exactly, in nanoseconds."""
     if value is None:
         return None
     whole, _, fraction = value.strip().partition(".")
     if not _digits(whole.removeprefix("-")) or (fraction and not _digits(fraction)):
         return None
-    seconds = int(whole) + (int(fraction[:9].ljust(9, "0")) / 1e9 if fraction else 0.0)
-    return seconds if abs(seconds) < 2**40 else None
+    nanoseconds = int(whole) * 1_000_000_000
+    nanoseconds += (-1 if whole.startswith("-") else 1) * int(fraction[:9].ljust(9, "0") or "0")
+    return nanoseconds if abs(nanoseconds) < 2**62 else None
 
 
 def from_metadata(metadata: dict[str, str]) -> FileAttributes:
@@ -94,16 +97,14 @@ def from_metadata(metadata: dict[str, str]) -> FileAttributes:
         mode |= stat.S_IFREG  # some tools store permission bits only
     return FileAttributes(
         mode=mode, uid=_integer(lowered.get(UID), 2**32 - 1), gid=_integer(lowered.get(GID), 2**32 - 1),
-        mtime=_seconds(lowered.get(MTIME)), xattrs=lowered.get(XATTRS) or None,
+        mtime_ns=_nanoseconds(lowered.get(MTIME)), xattrs=lowered.get(XATTRS) or None,
     )
 
 
-def format_seconds(seconds: float) -> str:
-    whole = int(seconds // 1)
-    nanoseconds = round((seconds - whole) * 1e9)
-    if nanoseconds >= 1_000_000_000:
-        whole, nanoseconds = whole + 1, 0
-    return f"{whole}.{nanoseconds:09d}" if nanoseconds else str(whole)
+def format_nanoseconds(nanoseconds: int) -> str:
+    """As s3fs writes times: whole seconds, then a nine-digit fraction when there is one."""
+    whole, fraction = divmod(nanoseconds, 1_000_000_000)
+    return f"{whole}.{fraction:09d}" if fraction else str(whole)
 
 
 def to_metadata(attributes: FileAttributes) -> dict[str, str]:
@@ -115,8 +116,8 @@ def to_metadata(attributes: FileAttributes) -> dict[str, str]:
         metadata[UID] = str(attributes.uid)
     if attributes.gid is not None:
         metadata[GID] = str(attributes.gid)
-    if attributes.mtime is not None:
-        metadata[MTIME] = format_seconds(attributes.mtime)
+    if attributes.mtime_ns is not None:
+        metadata[MTIME] = format_nanoseconds(attributes.mtime_ns)
     if attributes.xattrs:
         metadata[XATTRS] = attributes.xattrs
     return metadata
@@ -189,15 +190,15 @@ class MetadataIndex:
         # A lost update only costs a HEAD later: no fsync.
         self._db.execute("PRAGMA synchronous=OFF")
         columns = [row[1] for row in self._db.execute("PRAGMA table_info(attributes)")]
-        if columns and "last_modified" not in columns:
+        if columns and "mtime_ns" not in columns:
             self._db.execute("DROP TABLE attributes")  # an older layout: it is only a cache
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS attributes (object_key TEXT PRIMARY KEY, etag TEXT NOT NULL, "
-            "last_modified INTEGER, mode INTEGER, uid INTEGER, gid INTEGER, mtime REAL, xattrs TEXT)"
+            "last_modified INTEGER, mode INTEGER, uid INTEGER, gid INTEGER, mtime_ns INTEGER, xattrs TEXT)"
         )
         self._known: dict[str, tuple[str, int | None, FileAttributes]] = {
-            key: (etag, last_modified, FileAttributes(mode, uid, gid, mtime, xattrs))
-            for key, etag, last_modified, mode, uid, gid, mtime, xattrs in self._db.execute(
+            key: (etag, last_modified, FileAttributes(mode, uid, gid, mtime_ns, xattrs))
+            for key, etag, last_modified, mode, uid, gid, mtime_ns, xattrs in self._db.execute(
                 "SELECT * FROM attributes"
             )
         }
@@ -221,7 +222,7 @@ class MetadataIndex:
         self._known[object_key] = row
         self._db.execute(
             "INSERT OR REPLACE INTO attributes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (object_key, etag, row[1], attributes.mode, attributes.uid, attributes.gid, attributes.mtime,
+            (object_key, etag, row[1], attributes.mode, attributes.uid, attributes.gid, attributes.mtime_ns,
              attributes.xattrs),
         )
 

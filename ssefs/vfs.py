@@ -152,7 +152,7 @@ class Filesystem:
         name = path.rsplit("/", 1)[-1]
         self.inodes.note_child(
             path.rsplit("/", 1)[0] if "/" in path else "",
-            name, DirectoryEntry(name, False, entry.size, entry.mtime, entry.base_etag, entry.attributes),
+            name, DirectoryEntry(name, False, entry.size, entry.mtime_ns, entry.base_etag, entry.attributes),
         )
 
     # ------------------------------------------------------------------ helpers
@@ -211,7 +211,7 @@ class Filesystem:
             return None
         node = self.inodes.node_for(path, is_dir=False)
         self.inodes.apply_attributes(node, entry.attributes)
-        node.size, node.mtime, node.has_local_data = entry.size, entry.mtime, True
+        node.size, node.mtime_ns, node.has_local_data = entry.size, entry.mtime_ns, True
         return node
 
     def _apply(self, node: Node, listed: DirectoryEntry) -> None:
@@ -274,7 +274,7 @@ class Filesystem:
         if found is None:
             raise FsError(errno.ENOENT)
         node = self.inodes.node_for(path, is_dir=False)
-        listed = DirectoryEntry(name, False, found.size, found.mtime, found.etag)
+        listed = DirectoryEntry(name, False, found.size, _nanoseconds(found.mtime), found.etag)
         await self._fill_attributes(self.directory_prefix(parent.path), [listed])
         self._apply(node, listed)
         return node
@@ -302,7 +302,7 @@ class Filesystem:
                 return node  # during an outage, known files keep their last known attributes
             if found is None or found.key != self.object_key(node.path):
                 raise FsError(errno.ENOENT)
-            listed = DirectoryEntry(node.name, False, found.size, found.mtime, found.etag)
+            listed = DirectoryEntry(node.name, False, found.size, _nanoseconds(found.mtime), found.etag)
             await self._fill_attributes(self.directory_prefix(node.parent_path), [listed])
         self._apply(node, listed)
         return node
@@ -376,7 +376,7 @@ class Filesystem:
         for info in listing.objects:
             name = info.key[len(self.directory_prefix(path)):]
             if _showable(name):
-                entries[name] = DirectoryEntry(name, False, info.size, info.mtime, info.etag)
+                entries[name] = DirectoryEntry(name, False, info.size, _nanoseconds(info.mtime), info.etag)
         sidecar_key = self.directory_prefix(path) + SIDECAR_NAME
         sidecar = next((info for info in listing.objects if info.key == sidecar_key), None)
         directories = await self.directory_attributes.load(
@@ -387,7 +387,9 @@ class Filesystem:
             # S3 keeps no time for a prefix: directories show the mount's start time
             # unless their attributes were stored.
             if _showable(name):
-                entries[name] = DirectoryEntry(name, True, mtime=self.started_at, attributes=directories.get(name))
+                entries[name] = DirectoryEntry(
+                    name, True, mtime_ns=_nanoseconds(self.started_at), attributes=directories.get(name)
+                )
         return entries
 
     async def _fill_attributes(self, prefix: str, files: list[DirectoryEntry]) -> None:
@@ -395,7 +397,7 @@ class Filesystem:
         ETag is the one it knows, else by keyed HEADs, many at once."""
         missing = []
         for listed in files:
-            known = self.metadata.get(prefix + listed.name, listed.etag, listed.mtime)
+            known = self.metadata.get(prefix + listed.name, listed.etag, listed.mtime_ns / 1e9)
             if known is not None:
                 listed.attributes = known
             else:
@@ -435,7 +437,7 @@ class Filesystem:
         entry = self.cache.entry(object_key)
         if entry is None:
             entry = self.cache.create_entry(
-                object_key, base_etag=node.etag, base_size=node.size, mtime=node.mtime,
+                object_key, base_etag=node.etag, base_size=node.size, mtime_ns=node.mtime_ns,
                 exists_in_s3=bool(node.etag), attributes=self.inodes.attributes_of(node),
             )
         return entry
@@ -488,12 +490,12 @@ class Filesystem:
             raise FsError(errno.EISDIR)
         object_key = self.object_key(path)
         node = self.inodes.node_for(path, is_dir=False)
-        node.size, node.etag, node.mtime = 0, "", time.time()
+        node.size, node.etag, node.mtime_ns = 0, "", time.time_ns()
         node.mode, node.uid, node.gid = stat.S_IFREG | (mode & 0o7777), uid, gid
         # A new file replaces whatever the cache held for this name; S3's copy (if any)
         # is overwritten by the upload.
         entry = self.cache.create_entry(
-            object_key, base_etag="", base_size=0, mtime=node.mtime, exists_in_s3=False,
+            object_key, base_etag="", base_size=0, mtime_ns=node.mtime_ns, exists_in_s3=False,
             attributes=self.inodes.attributes_of(node),
         )
         self.cache.record_change(entry, size=0)
@@ -517,7 +519,7 @@ class Filesystem:
         else:
             raise FsError(errno.EEXIST)
         object_key = self.object_key(path)
-        attributes = FileAttributes(stat.S_IFLNK | 0o777, uid, gid, time.time())
+        attributes = FileAttributes(stat.S_IFLNK | 0o777, uid, gid, time.time_ns())
         etag = await self.store.put(object_key, target, to_metadata(attributes))
         self.metadata.put(object_key, etag, attributes)
         node = self.inodes.node_for(path, is_dir=False)
@@ -537,7 +539,7 @@ class Filesystem:
 
     async def change_attributes(
         self, inode: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
-        mtime: float | None = None,
+        mtime_ns: int | None = None,
     ) -> Node:
         """chmod, chown, utimens: stored in the object's metadata.
 
@@ -552,7 +554,7 @@ class Filesystem:
         if mode is not None:
             kind = stat.S_IFDIR if node.is_dir else stat.S_IFLNK if self.inodes.is_symlink(node) else stat.S_IFREG
             mode = kind | (mode & 0o7777)
-        wanted = current.with_changes(mode=mode, uid=uid, gid=gid, mtime=mtime)
+        wanted = current.with_changes(mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns)
         await self._store_attributes(node, current, wanted)
         return node
 
@@ -637,7 +639,7 @@ class Filesystem:
             if seal:
                 await cached_file.seal_hot()
                 await self.cache.sync(entry)
-        node.size, node.mtime, node.has_local_data = entry.size, entry.mtime, True
+        node.size, node.mtime_ns, node.has_local_data = entry.size, entry.mtime_ns, True
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._handle(fh)
@@ -663,7 +665,7 @@ class Filesystem:
         async with entry.lock:
             written = await self.cached_file(entry).write(offset, data)
         node = handle.open_file.node
-        node.size, node.mtime, node.has_local_data = entry.size, entry.mtime, True
+        node.size, node.mtime_ns, node.has_local_data = entry.size, entry.mtime_ns, True
         return written
 
     async def flush(self, fh: int) -> None:
@@ -746,7 +748,7 @@ class Filesystem:
         path = child_path(parent.path, name)
         await self.store.put_directory_marker(self.directory_prefix(path))
         node = self.inodes.node_for(path, is_dir=True)
-        attributes = FileAttributes(stat.S_IFDIR | (mode & 0o7777), uid, gid, time.time())
+        attributes = FileAttributes(stat.S_IFDIR | (mode & 0o7777), uid, gid, time.time_ns())
         mount = self.config.mount
         if (mode & 0o7777, uid, gid) != (mount.dir_mode, mount.uid, mount.gid):
             await self.directory_attributes.set(self.directory_prefix(parent.path), name, attributes)
@@ -865,7 +867,7 @@ class Filesystem:
             await self.writeback.upload(entry)
         else:
             attributes = self.inodes.attributes_of(node)
-            source = ObjectInfo(old_key, node.size, node.etag, node.mtime)
+            source = ObjectInfo(old_key, node.size, node.etag, node.mtime_ns / 1e9)
             etag = await copy_object(self.store, self.config.s3, source, new_key, to_metadata(attributes))
             await self._discard_entry(old_key)
             await self._discard_entry(new_key)
@@ -995,6 +997,11 @@ class Filesystem:
                 "uploaded at the next mount with this config",
                 len(left), sum(entry.size for entry in left), self.cache.directory,
             )
+
+
+def _nanoseconds(seconds: float) -> int:
+    """S3's times (LastModified) in the nanoseconds that attributes are kept in."""
+    return round(seconds * 1e9)
 
 
 def _showable(name: str) -> bool:

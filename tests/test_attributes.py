@@ -601,13 +601,6 @@ def test_attribute_changes_not_yet_uploaded_survive_a_crash(
                 mtime_ns=FRACTIONAL_MTIME_NS, size=len(data))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mtime goes through float seconds (fs.py setattr: attr.st_mtime_ns / 1e9; float FileAttributes.mtime "
-    "and Node.mtime; metadata.format_seconds; inodes.attributes: int(node.mtime * 1e9)), about 240 ns of "
-    "resolution near 2023: 1700000000.999999999 is stored as x-amz-meta-mtime '1700000001' and stat shows "
-    "st_mtime 1700000001, a different second, so rsync -a copies the file again on every run",
-)
 def test_mtime_nanoseconds_are_kept_exactly(
     endpoint: SeaweedEndpoint, bucket: str, key_file: Path, key_bytes: bytes, s3: Any, tmp_path: Path,
     mount_ssefs: MountFactory,
@@ -718,14 +711,14 @@ def test_metadata_index_remembers_attributes_by_etag_across_remounts(
     etags = {item["Key"]: item["ETag"].strip('"') for item in s3.list_objects_v2(Bucket=bucket)["Contents"]}
     database = sqlite3.connect(f"file:{tmp_path / 'mount-cache' / 'metadata.sqlite'}?mode=ro", uri=True)
     try:
-        rows = database.execute("SELECT object_key, etag, mode, uid, gid, mtime FROM attributes").fetchall()
+        rows = database.execute("SELECT object_key, etag, mode, uid, gid, mtime_ns FROM attributes").fetchall()
     finally:
         database.close()
     assert len(rows) == count
-    for object_key, etag, mode, uid, gid, mtime in rows:
+    for object_key, etag, mode, uid, gid, mtime_ns in rows:
         index = int(object_key[1:])
         assert etag == etags[object_key]
-        assert (mode, uid, gid, mtime) == (0o100600 + index % 8, 1000 + index, 5678, 1_600_000_000 + index)
+        assert (mode, uid, gid, mtime_ns) == (0o100600 + index % 8, 1000 + index, 5678, (1_600_000_000 + index) * 10**9)
 
     # Another client replaces one object (new data: new ETag, new mode): the index must not answer for it.
     s3.put_object(

@@ -89,12 +89,12 @@ def cache(cache_dir: Path) -> Iterator[BlockCache]:
 
 
 def based_entry(cache: BlockCache, key: str, data: bytes) -> Entry:
-    return cache.create_entry(key, base_etag="e1", base_size=len(data), mtime=0.0, exists_in_s3=True)
+    return cache.create_entry(key, base_etag="e1", base_size=len(data), mtime_ns=0, exists_in_s3=True)
 
 
 def new_entry(cache: BlockCache, key: str) -> Entry:
     """A new file, as ``vfs.create`` makes it: dirty from the start."""
-    entry = cache.create_entry(key, base_etag="", base_size=0, mtime=0.0, exists_in_s3=False)
+    entry = cache.create_entry(key, base_etag="", base_size=0, mtime_ns=0, exists_in_s3=False)
     cache.record_change(entry, size=0)
     return entry
 

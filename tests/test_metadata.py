@@ -12,23 +12,22 @@ from ssefs.metadata import (
     FileAttributes,
     MetadataIndex,
     XattrSealer,
-    format_seconds,
+    format_nanoseconds,
     from_metadata,
     metadata_size,
     to_metadata,
 )
 
 
-def test_s3fs_encodings_round_trip() -> None:
-    attributes = FileAttributes(stat.S_IFREG | 0o640, 1000, 100, 1_700_000_000.123456789)
+def test_s3fs_encodings_round_trip_to_the_nanosecond() -> None:
+    attributes = FileAttributes(stat.S_IFREG | 0o640, 1000, 100, 1_700_000_000_123_456_789)
     metadata = to_metadata(attributes)
-    assert {name: metadata[name] for name in ("mode", "uid", "gid")} == {"mode": "33184", "uid": "1000", "gid": "100"}
-    assert metadata["mtime"].startswith("1700000000.1234567")  # nine digits of fraction, as s3fs writes them
-    assert len(metadata["mtime"].partition(".")[2]) == 9
-    back = from_metadata(metadata)
-    assert (back.mode, back.uid, back.gid) == (0o100640, 1000, 100)
-    assert back.mtime is not None and abs(back.mtime - attributes.mtime) < 1e-6  # type: ignore[operator]
-    assert format_seconds(1_600_000_000.0) == "1600000000"
+    assert metadata == {"mode": "33184", "uid": "1000", "gid": "100", "mtime": "1700000000.123456789"}
+    assert from_metadata(metadata) == attributes
+    # The last nanosecond of a second stays in that second; whole seconds have no fraction.
+    assert format_nanoseconds(1_700_000_000_999_999_999) == "1700000000.999999999"
+    assert format_nanoseconds(1_600_000_000 * 10**9) == "1600000000"
+    assert from_metadata({"mtime": "1700000000.999999999"}).mtime_ns == 1_700_000_000_999_999_999
 
 
 @pytest.mark.parametrize(
@@ -37,8 +36,8 @@ def test_s3fs_encodings_round_trip() -> None:
         ({"Mode": "33188", "UID": "7"}, FileAttributes(0o100644, 7, None, None)),  # any case
         ({"mode": "420"}, FileAttributes(0o100644, None, None, None)),  # permission bits only
         ({"mode": "abc", "uid": "-1", "gid": "99999999999", "mtime": "x"}, FileAttributes()),
-        ({"mtime": "1600000000"}, FileAttributes(mtime=1_600_000_000.0)),
-        ({"mtime": "1600000000.5"}, FileAttributes(mtime=1_600_000_000.5)),
+        ({"mtime": "1600000000"}, FileAttributes(mtime_ns=1_600_000_000 * 10**9)),
+        ({"mtime": "1600000000.5"}, FileAttributes(mtime_ns=1_600_000_000_500_000_000)),
         ({"other": "kept out"}, FileAttributes()),
         ({"mode": "²", "uid": "١٢", "mtime": "³.5"}, FileAttributes()),  # digits, but not ASCII ones
     ],
@@ -64,7 +63,7 @@ def test_xattrs_sealed_and_opened_only_with_the_key() -> None:
 
 def test_index_answers_only_for_the_same_etag_and_survives_reopening(tmp_path: Path) -> None:
     index = MetadataIndex(tmp_path)
-    attributes = FileAttributes(0o100600, 1, 2, 3.5, "sealed")
+    attributes = FileAttributes(0o100600, 1, 2, 3_500_000_000, "sealed")
     index.put("dir/file", "etag-1", attributes)  # our own upload: LastModified not known yet
     assert index.get("dir/file", "etag-1", 1000.4) == attributes  # the first listing supplies it
     assert index.get("dir/file", "etag-1", 1000.9) == attributes  # same second
