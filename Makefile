@@ -5,6 +5,8 @@ VENV ?= .venv
 PYTHON ?= python3
 MOUNTPOINT ?= $(HOME)/ssefs-demo
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc
+# The real tools the end-to-end tests drive through the mount.
+TEST_APT_PACKAGES := git sqlite3 rsync tar
 
 .PHONY: demo test lint deps system-deps clean
 
@@ -12,6 +14,7 @@ demo: deps
 	$(VENV)/bin/ssefs demo $(MOUNTPOINT)
 
 test: deps
+	@bash scripts/install-system-deps.sh $(TEST_APT_PACKAGES)
 	$(VENV)/bin/ruff check ssefs tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -v $(PYTEST_ARGS)

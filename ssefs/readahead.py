@@ -10,7 +10,7 @@ fetch only the block they touch.
 from __future__ import annotations
 
 # Start at one block (a random reader pays for no more); double while the
-# reader stays sequential, up to 32 MiB ahead: enough for four parallel 8 MiB
+# reader stays sequential, up to 32 MiB ahead: enough for three parallel 8 MiB
 # read-ahead GETs to keep the line busy, and fewer than the 40 blocks the
 # filesystem keeps in memory, so what was fetched ahead is still there when read. Fetched
 # blocks also land in the disk cache, whose size bound also bounds read-ahead.
