@@ -242,7 +242,9 @@ class Filesystem:
             return local
         listing = self.inodes.cached_listing(parent.path)
         if listing is None and self._worth_relisting(parent.path):
-            listing = await self._refresh_listing(parent.path)
+            relisted = await self._refresh_listing(parent.path)
+            # A name missing from the new listing is probed below before it is called absent.
+            listing = relisted if name in relisted.entries else None
         if listing is not None:
             listed = listing.entries.get(name)
             if listed is None:
