@@ -971,7 +971,7 @@ def dir_rename(h: Harness, r: Result) -> None:
     r.details.update(files=count, mv_seconds=mv_seconds, mv_returncode=moved.returncode,
                      mv_stderr_sample=moved.stderr.splitlines()[:5], until_uploaded_seconds=uploaded,
                      wrong_or_missing=wrong, source_exists=source.exists(), old_objects_left=len(old_objects))
-    r.row(f"mv dir of {count} files (EXDEV: copy+delete)", "files/s", rate(count, mv_seconds))
+    r.row(f"mv dir of {count} files", "files/s", rate(count, mv_seconds))
     r.row(f"mv dir of {count} files, until copies in S3", "files/s", rate(count, uploaded))
     problems = []
     if moved.returncode != 0:
