@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,3 +76,10 @@ def test_xattrs_round_trip_sealed_and_persisted(
     # Renames carry them.
     os.rename(again / "new.txt", again / "renamed.txt")
     assert os.getxattr(again / "renamed.txt", "user.state") == b"draft"
+    # The attr tools see the same.
+    subprocess.run(["setfattr", "-n", "user.tool", "-v", "set by setfattr", str(again / "renamed.txt")], check=True)
+    dumped = subprocess.run(["getfattr", "-d", str(again / "renamed.txt")], capture_output=True, text=True,
+                            check=True).stdout
+    assert 'user.state="draft"' in dumped and 'user.tool="set by setfattr"' in dumped
+    subprocess.run(["setfattr", "-x", "user.state", str(again / "renamed.txt")], check=True)
+    assert os.listxattr(again / "renamed.txt") == ["user.tool"]
