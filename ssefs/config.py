@@ -79,17 +79,22 @@ class S3Settings:
 
 @dataclass(frozen=True)
 class KeySource:
-    """Where the SSE-C key comes from: exactly one of the three is set."""
+    """Where an SSE-C key comes from: exactly one of the four is set."""
 
     file: Path | None = None
     env: str | None = None
     credential: str | None = None
+    # A shell command that prints the key (base64) on stdout, e.g. from a secret manager.
+    command: str | None = None
+    command_timeout: float = 30.0
 
     def describe(self) -> str:
         if self.file is not None:
             return f"key file {self.file}"
         if self.env is not None:
             return f"environment variable {self.env}"
+        if self.command is not None:
+            return "key command"
         return f"systemd credential {self.credential}"
 
 
@@ -129,6 +134,8 @@ class Config:
     key: KeySource
     cache: CacheSettings
     mount: MountSettings
+    # Keys objects may still be stored under; tried only when the current key is refused.
+    previous_keys: tuple[KeySource, ...] = ()
 
     @property
     def key_prefix(self) -> str:
@@ -281,20 +288,12 @@ def _build(config_path: Path, document: dict[str, Any]) -> Config:
         raise ConfigError(f"[s3] ca_bundle {s3_settings.ca_bundle} does not exist")
 
     key = _Section("key", document.get("key", {}))
-    key_file = key.get("file", str)
-    key_env = key.get("env", str)
-    key_credential = key.get("credential", str)
-    key.check_unknown()
-    given = [v for v in (key_file, key_env, key_credential) if v is not None]
-    if len(given) != 1:
-        raise ConfigError("[key] needs exactly one of: file, env, credential")
-    if not given[0]:
-        raise ConfigError("[key] file, env or credential must not be empty")
-    if key_credential is not None and ("/" in key_credential or key_credential in (".", "..")):
-        raise ConfigError("[key] credential must be a plain credential name, not a path")
-    key_source = KeySource(
-        file=_resolve(base, key_file) if key_file else None, env=key_env, credential=key_credential
+    key_source = _key_source(key, base)
+    previous = key.get("previous_keys", list, [])
+    previous_keys = tuple(
+        _key_source(_Section(f"key.previous_keys[{index}]", table), base) for index, table in enumerate(previous)
     )
+    key.check_unknown()
 
     cache = _Section("cache", document.get("cache", {}))
     cache_dir = cache.get("dir", str)
@@ -323,7 +322,31 @@ def _build(config_path: Path, document: dict[str, Any]) -> Config:
     if mount_settings.read_ahead > 1024 * 1024 * 1024:
         raise ConfigError("[mount] read_ahead must be at most 1GiB")
     mount.check_unknown()
-    return Config(config_path, name, s3_settings, key_source, cache_settings, mount_settings)
+    return Config(config_path, name, s3_settings, key_source, cache_settings, mount_settings, previous_keys)
+
+
+def _key_source(section: _Section, base: Path) -> KeySource:
+    """One key source: a table with exactly one of file, env, credential, command."""
+    key_file = section.get("file", str)
+    key_env = section.get("env", str)
+    key_credential = section.get("credential", str)
+    key_command = section.get("command", str)
+    command_timeout = _positive_float(section, "command_timeout", 30.0)
+    if section.name != "key":
+        section.check_unknown()
+    given = [v for v in (key_file, key_env, key_credential, key_command) if v is not None]
+    if len(given) != 1:
+        raise ConfigError(f"[{section.name}] needs exactly one of: file, env, credential, command")
+    if not given[0].strip():
+        raise ConfigError(f"[{section.name}] file, env, credential or command must not be empty")
+    if key_credential is not None and ("/" in key_credential or key_credential in (".", "..")):
+        raise ConfigError(f"[{section.name}] credential must be a plain credential name, not a path")
+    if key_command is None and "command_timeout" in section.table:
+        raise ConfigError(f"[{section.name}] command_timeout only applies to a key command")
+    return KeySource(
+        file=_resolve(base, key_file) if key_file else None, env=key_env, credential=key_credential,
+        command=key_command, command_timeout=command_timeout,
+    )
 
 
 def _id(section: _Section, key: str, default: int) -> int:

@@ -1,9 +1,12 @@
 """The SSE-C key: the only module that holds key bytes.
 
 It loads the 32-byte key from one source (a file holding 32 raw bytes or their
-base64, an environment variable holding the base64, or a systemd credential in
-``$CREDENTIALS_DIRECTORY``), refuses anything else with one clear message, and
-computes once the values S3 wants in its three SSE-C headers. The key object's
+base64, an environment variable holding the base64, a systemd credential in
+``$CREDENTIALS_DIRECTORY``, or a command such as a secret manager's client that
+prints the base64 within a timeout), refuses anything else with one clear
+message, and computes once the values S3 wants in its three SSE-C headers. A
+``KeyRing`` holds the current key and the previous ones still accepted for
+reading during a rotation. The key object's
 ``repr``/``str`` show only a short fingerprint, error messages never quote key
 material, and ``redaction_strings`` lets the log handler scrub the encoded key
 should a library ever try to log a request header.
@@ -16,10 +19,12 @@ import binascii
 import hashlib
 import os
 import stat
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import KeySource
+from .config import Config, KeySource
 from .errors import KeyLoadError
 
 KEY_BYTES = 32
@@ -147,6 +152,8 @@ def load_key(source: KeySource) -> SseKey:
             raise KeyLoadError(f"{origin} is not set (it should hold the base64 of a 32-byte key)")
         # Only base64 here: 32 characters of text would be a weak key taken as raw bytes.
         return parse_key_bytes(value.encode("utf-8", "surrogateescape"), origin=origin, allow_raw=False)
+    if source.command is not None:
+        return _run_key_command(source.command, source.command_timeout)
     assert source.credential is not None
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
     if not directory:
@@ -157,6 +164,60 @@ def load_key(source: KeySource) -> SseKey:
     path = Path(directory) / source.credential
     origin = f"systemd credential {path}"
     return parse_key_bytes(_read_protected_file(path, origin=origin), origin=origin)
+
+
+def _run_key_command(command: str, timeout: float) -> SseKey:
+    origin = "key command"
+    try:
+        result = subprocess.run(
+            ["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise KeyLoadError(f"{origin} did not finish within {timeout:g} seconds") from None
+    except OSError as error:
+        raise KeyLoadError(f"cannot run {origin}: {error.strerror}") from None
+    if result.returncode != 0:
+        # The last line of stderr usually names the problem (locked vault, wrong
+        # passphrase); it is shown only if it cannot be the key itself.
+        lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
+        printed = result.stdout.strip()
+        hint = lines[-1][:200] if lines and not (printed and printed in result.stderr) else ""
+        raise KeyLoadError(f"{origin} failed with exit code {result.returncode}" + (f": {hint}" if hint else ""))
+    if len(result.stdout) > MAX_KEY_FILE_BYTES:
+        raise KeyLoadError(f"{origin} printed far too much to be a key")
+    return parse_key_bytes(result.stdout, origin=origin, allow_raw=False)
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The mount's current key, which writes use, and older keys still accepted for reading."""
+
+    current: SseKey
+    previous: tuple[SseKey, ...] = ()
+
+    @property
+    def all(self) -> tuple[SseKey, ...]:
+        return (self.current, *self.previous)
+
+    def by_fingerprint(self, fingerprint: str) -> SseKey | None:
+        return next((key for key in self.all if key.fingerprint == fingerprint), None)
+
+    def redaction_strings(self) -> tuple[str, ...]:
+        return tuple(text for key in self.all for text in key.redaction_strings())
+
+
+def load_key_ring(config: Config) -> KeyRing:
+    """Load the current key and every ``previous_keys`` source; the first failure is the error."""
+    current = load_key(config.key)
+    previous: list[SseKey] = []
+    for index, source in enumerate(config.previous_keys):
+        try:
+            key = load_key(source)
+        except KeyLoadError as error:
+            raise KeyLoadError(f"previous_keys[{index}]: {error}") from None
+        if all(key.fingerprint != known.fingerprint for known in (current, *previous)):
+            previous.append(key)
+    return KeyRing(current, tuple(previous))
 
 
 def write_new_key(path: Path) -> SseKey:

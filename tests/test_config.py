@@ -735,3 +735,46 @@ def test_parse_size_refuses_non_sizes(value: object) -> None:
 def test_parse_size_refuses_negative_int() -> None:
     with pytest.raises(ConfigError, match="negative"):
         parse_size(-1, what="x")
+
+
+# ------------------------------------------------------------------ key command and previous keys
+
+
+def test_key_command_source(tmp_path: Path) -> None:
+    config = config_with(tmp_path, key='command = "pass show ssefs/photos"\ncommand_timeout = 5')
+    assert config.key.command == "pass show ssefs/photos"
+    assert config.key.command_timeout == 5.0
+    assert config.key.describe() == "key command"
+
+
+def test_command_timeout_without_command_refused(tmp_path: Path) -> None:
+    assert "command_timeout only applies" in refused(tmp_path, key='file = "k"\ncommand_timeout = 5')
+
+
+def test_key_command_must_not_be_blank(tmp_path: Path) -> None:
+    assert "must not be empty" in refused(tmp_path, key='command = "  "')
+
+
+def test_previous_keys(tmp_path: Path) -> None:
+    config = config_with(
+        tmp_path, key='file = "new.key"\nprevious_keys = [{ file = "old.key" }, { credential = "older" }]'
+    )
+    assert config.previous_keys == (KeySource(file=tmp_path / "old.key"), KeySource(credential="older"))
+
+
+def test_no_previous_keys_by_default(tmp_path: Path) -> None:
+    assert config_with(tmp_path).previous_keys == ()
+
+
+@pytest.mark.parametrize(
+    ("previous", "expected"),
+    [
+        ('previous_keys = "old.key"', "previous_keys: expected list"),
+        ("previous_keys = [{}]", "[key.previous_keys[0]] needs exactly one of"),
+        ('previous_keys = [{ file = "a", env = "B" }]', "[key.previous_keys[0]] needs exactly one of"),
+        ('previous_keys = [{ file = "a", colour = "red" }]', "[key.previous_keys[0]] unknown setting(s): colour"),
+        ('previous_keys = ["old.key"]', "[key.previous_keys[0]] must be a table"),
+    ],
+)
+def test_bad_previous_keys_refused(tmp_path: Path, previous: str, expected: str) -> None:
+    assert expected in refused(tmp_path, key=f'file = "k"\n{previous}')

@@ -338,6 +338,86 @@ def test_credential_with_bad_content(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert_no_key_material(info.value, SAMPLE[:20])
 
 
+# ------------------------------------------------------------------ key command
+
+
+def test_command_source_prints_base64() -> None:
+    key = load_key(KeySource(command=f"printf '%s\\n' {b64(SAMPLE)}"))
+    assert key.sse_params()["SSECustomerKey"] == b64(SAMPLE)
+
+
+def test_command_source_reads_a_secret_manager_like_script(tmp_path: Path) -> None:
+    vault = key_file(tmp_path, b64(SAMPLE).encode() + b"\n", name="vault")
+    script = tmp_path / "fetch-key"
+    script.write_text(f"#!/bin/sh\n# stands in for: pass show ssefs/photos\nexec cat {vault}\n")
+    os.chmod(script, 0o700)
+    assert load_key(KeySource(command=str(script))).fingerprint == SseKey(SAMPLE).fingerprint
+
+
+def test_command_failure_names_the_exit_code_and_stderr_line() -> None:
+    with pytest.raises(KeyLoadError) as info:
+        load_key(KeySource(command="echo 'vault is sealed' >&2; exit 3"))
+    assert str(info.value) == "key command failed with exit code 3: vault is sealed"
+
+
+def test_command_timeout() -> None:
+    with pytest.raises(KeyLoadError) as info:
+        load_key(KeySource(command="sleep 5", command_timeout=0.3))
+    assert str(info.value) == "key command did not finish within 0.3 seconds"
+
+
+def test_command_printing_raw_bytes_refused() -> None:
+    # 32 printable characters are a weak key if taken as raw bytes: only base64 is accepted.
+    with pytest.raises(KeyLoadError) as info:
+        load_key(KeySource(command="printf abcdefghijklmnopqrstuvwxyz012345"))
+    assert "key command holds 32 bytes" in str(info.value)
+
+
+def test_command_echoing_key_on_stderr_does_not_leak_it() -> None:
+    with pytest.raises(KeyLoadError) as info:
+        load_key(KeySource(command=f"echo {b64(SAMPLE[:20])}; echo {b64(SAMPLE[:20])} >&2; exit 1"))
+    assert_no_key_material(info.value, SAMPLE[:20])
+
+
+def test_key_ring_loads_previous_keys_and_drops_duplicates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ssefs.config import load_config
+    from ssefs.keys import load_key_ring
+
+    old = bytes(range(32))
+    key_file(tmp_path, SAMPLE)
+    key_file(tmp_path, old, name="old.key")
+    monkeypatch.setenv("OLD_KEY", b64(old))
+    config_path = tmp_path / "mount.toml"
+    config_path.write_text(
+        '[s3]\nendpoint = "https://s3.example.com"\nbucket = "my-bucket"\n'
+        '[key]\nfile = "mount.key"\n'
+        'previous_keys = [{ file = "old.key" }, { env = "OLD_KEY" }, { file = "mount.key" }]\n'
+    )
+    ring = load_key_ring(load_config(config_path))
+    assert ring.current.fingerprint == SseKey(SAMPLE).fingerprint
+    assert [key.fingerprint for key in ring.previous] == [SseKey(old).fingerprint]
+    assert ring.by_fingerprint(SseKey(old).fingerprint) is ring.previous[0]
+    assert ring.by_fingerprint("0" * 16) is None
+    assert b64(old) in ring.redaction_strings() and b64(SAMPLE) in ring.redaction_strings()
+
+
+def test_key_ring_names_the_failing_previous_key(tmp_path: Path) -> None:
+    from ssefs.config import load_config
+    from ssefs.keys import load_key_ring
+
+    key_file(tmp_path, SAMPLE)
+    config_path = tmp_path / "mount.toml"
+    config_path.write_text(
+        '[s3]\nendpoint = "https://s3.example.com"\nbucket = "my-bucket"\n'
+        '[key]\nfile = "mount.key"\nprevious_keys = [{ file = "gone.key" }]\n'
+    )
+    with pytest.raises(KeyLoadError) as info:
+        load_key_ring(load_config(config_path))
+    assert str(info.value) == f"previous_keys[0]: key file {tmp_path / 'gone.key'} does not exist"
+
+
 # ------------------------------------------------------------------ SseKey
 
 
