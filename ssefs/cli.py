@@ -29,7 +29,7 @@ import trio
 from . import __version__
 from .config import Config, load_config
 from .errors import SsefsError
-from .keys import SseKey, load_key, write_new_key
+from .keys import KeyRing, SseKey, load_key_ring, write_new_key
 
 log = logging.getLogger("ssefs")
 
@@ -78,9 +78,9 @@ def configure_logging(level: str, log_file: Path | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def protect_logs(key: SseKey) -> None:
+def protect_logs(keys: KeyRing | SseKey) -> None:
     for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter(key.redaction_strings()))
+        handler.addFilter(RedactingFilter(keys.redaction_strings()))
 
 
 def fail(message: str, ready_fd: int | None = None) -> NoReturn:
@@ -121,14 +121,14 @@ def mount(
     configure_logging(log_level, log_file)
     try:
         config = load_config(config_path)
-        key = load_key(config.key)
+        keys = load_key_ring(config)
     except SsefsError as error:
         fail(str(error), ready_fd)
-    protect_logs(key)
+    protect_logs(keys)
     mountpoint = mountpoint.absolute()
     if background:
         sys.exit(_start_background(config, mountpoint, skip_key_check, log_level, log_file))
-    run_mount(config, key, mountpoint, skip_key_check=skip_key_check, ready_fd=ready_fd)
+    run_mount(config, keys, mountpoint, skip_key_check=skip_key_check, ready_fd=ready_fd)
 
 
 def _limit_malloc_arenas() -> None:
@@ -146,7 +146,7 @@ def _limit_malloc_arenas() -> None:
 
 
 def run_mount(
-    config: Config, key: SseKey, mountpoint: Path, *, skip_key_check: bool = False,
+    config: Config, keys: KeyRing, mountpoint: Path, *, skip_key_check: bool = False,
     ready_fd: int | None = None, on_ready_message: str | None = None,
 ) -> None:
     from .mount import serve  # pyfuse3 is imported only by commands that mount
@@ -160,7 +160,7 @@ def run_mount(
             click.echo(on_ready_message, err=True)
 
     try:
-        trio.run(lambda: serve(config, key, mountpoint, skip_key_check=skip_key_check, on_ready=on_ready))
+        trio.run(lambda: serve(config, keys, mountpoint, skip_key_check=skip_key_check, on_ready=on_ready))
     except SsefsError as error:
         fail(str(error), ready_fd)
     except RuntimeError as error:  # pyfuse3.init reports mount failures this way

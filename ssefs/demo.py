@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import StartupCheckError
-from .keys import load_key, write_new_key
+from .keys import load_key_ring, write_new_key
 from .seaweed import SeaweedError, SeaweedServer
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,13 @@ def run_demo(mountpoint: Path, data_dir: Path) -> None:
             key_file=key_file, cache_dir=data_dir / "cache", bucket=DEMO_BUCKET,
         )
         config = load_config(config_path)
-        key = load_key(config.key)
-        protect_logs(key)
+        keys = load_key_ring(config)
+        protect_logs(keys)
         run_mount(
-            config, key, mountpoint,
+            config, keys, mountpoint,
             on_ready_message=(
                 f"\nssefs demo: bucket {DEMO_BUCKET!r} on {endpoint.endpoint} (SeaweedFS, HTTPS) is mounted at "
-                f"{mountpoint}, encrypted with SSE-C key {key_file} (fingerprint {key.fingerprint}).\n"
+                f"{mountpoint}, encrypted with SSE-C key {key_file} (fingerprint {keys.current.fingerprint}).\n"
                 f"Try: cp /etc/os-release {mountpoint}/ && ls -l {mountpoint}. Press Ctrl-C to stop.\n"
             ),
         )

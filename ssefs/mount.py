@@ -29,7 +29,7 @@ from .cache import BlockCache
 from .config import Config
 from .errors import NotEncrypted, ServerUnavailable, StartupCheckError, WrongKey
 from .fs import Operations
-from .keys import SseKey
+from .keys import KeyRing, SseKey
 from .metadata import XattrSealer
 from .store import ObjectStore
 from .vfs import Filesystem
@@ -159,7 +159,7 @@ def mount_options(config: Config) -> set[str]:
 
 async def serve(
     config: Config,
-    key: SseKey,
+    keys: KeyRing,
     mountpoint: Path,
     *,
     skip_key_check: bool = False,
@@ -167,6 +167,7 @@ async def serve(
 ) -> None:
     """Mount and serve until unmounted or sent SIGINT/SIGTERM."""
     check_mountpoint(mountpoint)
+    key = keys.current
     store = ObjectStore(config.s3, key)
     await startup_check(store, config, skip_key_check=skip_key_check or config.mount.skip_key_check)
     cache = BlockCache(
