@@ -13,6 +13,7 @@ that scrubs any encoding of the key should a library ever try to log it.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -112,15 +113,17 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Log here instead of stderr (background default: CACHE_DIR/ssefs.log).")
+@click.option("--read-only", is_flag=True, help="Mount read-only, whatever [mount] read_only says.")
+@click.option("--allow-other", is_flag=True, help="Let other users use the mount, whatever [mount] allow_other says.")
 @click.option("--ready-fd", type=int, hidden=True)
 def mount(
     config_path: Path, mountpoint: Path, background: bool, skip_key_check: bool,
-    log_level: str, log_file: Path | None, ready_fd: int | None,
+    log_level: str, log_file: Path | None, read_only: bool, allow_other: bool, ready_fd: int | None,
 ) -> None:
     """Mount the bucket described by CONFIG at MOUNTPOINT (foreground by default)."""
     configure_logging(log_level, log_file)
     try:
-        config = load_config(config_path)
+        config = with_mount_overrides(load_config(config_path), read_only=read_only, allow_other=allow_other)
         keys = load_key_ring(config)
     except SsefsError as error:
         fail(str(error), ready_fd)
@@ -129,6 +132,16 @@ def mount(
     if background:
         sys.exit(_start_background(config, mountpoint, skip_key_check, log_level, log_file))
     run_mount(config, keys, mountpoint, skip_key_check=skip_key_check, ready_fd=ready_fd)
+
+
+def with_mount_overrides(config: Config, *, read_only: bool, allow_other: bool) -> Config:
+    """``config`` with command-line (or mount -o) choices layered over its [mount] table."""
+    mount_settings = dataclasses.replace(
+        config.mount,
+        read_only=config.mount.read_only or read_only,
+        allow_other=config.mount.allow_other or allow_other,
+    )
+    return dataclasses.replace(config, mount=mount_settings)
 
 
 def _limit_malloc_arenas() -> None:
@@ -179,6 +192,10 @@ def _start_background(
     ]
     if skip_key_check:
         command.append("--skip-key-check")
+    if config.mount.read_only:
+        command.append("--read-only")
+    if config.mount.allow_other:
+        command.append("--allow-other")
     stderr_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     daemon = subprocess.Popen(
         command, pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -9,16 +9,20 @@ threads through one ``trio.CapacityLimiter`` sized like the connection pool, so
 the trio loop never blocks. botocore's standard retry mode bounds retries of
 throttling, 5xx and connection failures; what still fails is translated into the
 typed errors of ``errors.py``, naming the object key and never the SSE-C key.
-This module knows object keys, not paths, inodes or FUSE.
+Writes always use the current key; reads use the key an object is known to be
+stored under (``KeyIndex``, by fingerprint; the current key when unknown), and
+only when the server refuses that key (403) try the mount's previous keys,
+remembering the one that worked. This module knows object keys, not paths,
+inodes or FUSE.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import boto3
 import botocore.exceptions
@@ -37,7 +41,7 @@ from .errors import (
     WrongKey,
     unwrap_group,
 )
-from .keys import SseKey
+from .keys import KeyRing, SseKey
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +91,42 @@ SSE_BLOCKED_HINT = (
 )
 
 
-class ObjectStore:
-    """Async access to one bucket with one SSE-C key."""
+class KeyIndex(Protocol):
+    """Which key (by fingerprint) objects not under the current key are stored with."""
 
-    def __init__(self, settings: S3Settings, key: SseKey) -> None:
+    def get(self, object_key: str) -> str | None: ...
+
+    def remember(self, object_key: str, fingerprint: str) -> None: ...
+
+    def forget(self, object_key: str) -> None: ...
+
+
+class MemoryKeyIndex:
+    """A ``KeyIndex`` that lasts as long as the process."""
+
+    def __init__(self) -> None:
+        self._fingerprints: dict[str, str] = {}
+
+    def get(self, object_key: str) -> str | None:
+        return self._fingerprints.get(object_key)
+
+    def remember(self, object_key: str, fingerprint: str) -> None:
+        self._fingerprints[object_key] = fingerprint
+
+    def forget(self, object_key: str) -> None:
+        self._fingerprints.pop(object_key, None)
+
+
+class ObjectStore:
+    """Async access to one bucket: writes under the current SSE-C key, reads under whichever fits."""
+
+    def __init__(self, settings: S3Settings, keys: KeyRing | SseKey, key_index: KeyIndex | None = None) -> None:
         self.settings = settings
         self.bucket = settings.bucket
-        self._key = key
-        self._sse = key.sse_params()
-        self._copy_source_sse = key.copy_source_params()
+        self.keys = keys if isinstance(keys, KeyRing) else KeyRing(keys)
+        self.key_index: KeyIndex = key_index or MemoryKeyIndex()
+        self._key = self.keys.current
+        self._sse = self._key.sse_params()
         self.limiter = trio.CapacityLimiter(settings.max_connections)
         self._sse_c_blocked: bool | None = None
         # None until the first UploadPartCopy tells us whether the server supports it.
@@ -133,6 +164,38 @@ class ObjectStore:
     @property
     def key_fingerprint(self) -> str:
         return self._key.fingerprint
+
+    # ----------------------------------------------------------------- keys
+
+    def key_for(self, object_key: str) -> SseKey:
+        """The key ``object_key`` is believed to be stored under."""
+        fingerprint = self.key_index.get(object_key)
+        return (self.keys.by_fingerprint(fingerprint) if fingerprint else None) or self._key
+
+    def _stored_under(self, object_key: str, key: SseKey) -> None:
+        if key is self._key:
+            if self.key_index.get(object_key) is not None:
+                self.key_index.forget(object_key)
+        elif self.key_index.get(object_key) != key.fingerprint:
+            self.key_index.remember(object_key, key.fingerprint)
+
+    async def _with_fitting_key(self, object_key: str, attempt: Callable[[SseKey], Awaitable[T]]) -> T:
+        """Run ``attempt`` with the object's key; on a 403, with each other key of the ring."""
+        first = self.key_for(object_key)
+        try:
+            return await attempt(first)
+        except WrongKey as refused:
+            for other in self.keys.all:
+                if other is first:
+                    continue
+                try:
+                    result = await attempt(other)
+                except WrongKey:
+                    continue
+                log.info("%r is stored under key %s", object_key, other.fingerprint)
+                self._stored_under(object_key, other)
+                return result
+            raise refused from None
 
     # ----------------------------------------------------------------- plumbing
 
@@ -199,7 +262,9 @@ class ObjectStore:
             return ServerUnavailable(f"{where}: server error {status} {code} after retries")
         return SsefsError(f"{where}: {status} {code} {message}".rstrip())
 
-    def _check_echo(self, operation: str, object_key: str, response: Any, *, required: bool = True) -> None:
+    def _check_echo(
+        self, operation: str, object_key: str, response: Any, *, required: bool = True, key: SseKey | None = None
+    ) -> None:
         """Insist that the server confirmed SSE-C with our key.
 
         SeaweedFS sends no echo on CreateMultipartUpload and CopyObject, so there
@@ -208,7 +273,7 @@ class ObjectStore:
         echoed = response.get("SSECustomerKeyMD5")
         if not required and not echoed:
             return
-        if not _echoed_md5_matches(echoed, self._key.md5_b64):
+        if not _echoed_md5_matches(echoed, (key or self._key).md5_b64):
             raise NotEncrypted(
                 f"{operation} {object_key!r} in bucket {self.bucket}: the server did not confirm SSE-C "
                 "with our key; the object is stored without SSE-C (or the server ignores SSE-C)"
@@ -250,33 +315,46 @@ class ObjectStore:
 
     # ----------------------------------------------------------------- reads
 
-    async def head(self, object_key: str) -> ObjectInfo:
-        response = await self._call(
-            "HeadObject",
-            object_key,
-            functools.partial(self._client.head_object, Bucket=self.bucket, Key=object_key, **self._sse),
-        )
-        self._check_echo("HeadObject", object_key, response)
-        return _info_from_head(object_key, response)
+    async def head(self, object_key: str, *, key: SseKey | None = None) -> ObjectInfo:
+        """The object's size, ETag, time and user metadata; with ``key``, under that key only."""
+
+        async def attempt(sse_key: SseKey) -> ObjectInfo:
+            response = await self._call(
+                "HeadObject",
+                object_key,
+                functools.partial(
+                    self._client.head_object, Bucket=self.bucket, Key=object_key, **sse_key.sse_params()
+                ),
+            )
+            self._check_echo("HeadObject", object_key, response, key=sse_key)
+            return _info_from_head(object_key, response)
+
+        if key is not None:
+            return await attempt(key)
+        return await self._with_fitting_key(object_key, attempt)
 
     async def get_range(self, object_key: str, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (fewer at the end of the object)."""
         if length <= 0:
             return b""
 
-        def fetch() -> bytes:
+        def fetch(sse_key: SseKey) -> bytes:
             response = self._client.get_object(
-                Bucket=self.bucket, Key=object_key, Range=f"bytes={offset}-{offset + length - 1}", **self._sse
+                Bucket=self.bucket, Key=object_key, Range=f"bytes={offset}-{offset + length - 1}",
+                **sse_key.sse_params(),
             )
-            self._check_echo("GetObject", object_key, response)
+            self._check_echo("GetObject", object_key, response, key=sse_key)
             body = response["Body"]
             try:
                 return bytes(body.read())
             finally:
                 body.close()
 
+        async def attempt(sse_key: SseKey) -> bytes:
+            return await self._call("GetObject", object_key, functools.partial(fetch, sse_key))
+
         try:
-            return await self._call("GetObject", object_key, fetch)
+            return await self._with_fitting_key(object_key, attempt)
         except SsefsError as error:
             if error.errno == 22:  # 416: offset at or past the end
                 return b""
@@ -375,6 +453,7 @@ class ObjectStore:
             ),
         )
         self._check_echo("PutObject", object_key, response)
+        self._stored_under(object_key, self._key)
         return str(response.get("ETag", "")).strip('"')
 
     async def put_directory_marker(self, prefix: str) -> None:
@@ -420,12 +499,13 @@ class ObjectStore:
         """
         if self.part_copy_supported is False:
             return None
+        source_sse = self.key_for(source_key).copy_source_params()
 
         def copy() -> Any:
             return self._client.upload_part_copy(
                 Bucket=self.bucket, Key=object_key, UploadId=upload_id, PartNumber=part_number,
                 CopySource={"Bucket": self.bucket, "Key": source_key}, CopySourceRange=f"bytes={start}-{end - 1}",
-                **self._sse, **self._copy_source_sse,
+                **self._sse, **source_sse,
             )
 
         try:
@@ -449,6 +529,7 @@ class ObjectStore:
                 UploadId=upload_id, MultipartUpload={"Parts": parts},
             ),
         )
+        self._stored_under(object_key, self._key)
         return str(response.get("ETag", "")).strip('"')
 
     async def abort_multipart(self, object_key: str, upload_id: str) -> None:
@@ -461,26 +542,32 @@ class ObjectStore:
         )
 
     async def copy(self, source_key: str, target_key: str, metadata: dict[str, str] | None = None) -> str:
-        """Server-side copy under the same key; returns the new object's ETag.
+        """Server-side copy from the source's key to the current key; returns the new object's ETag.
 
         Metadata is always given explicitly (``MetadataDirective=REPLACE``): the
         source's own, or ``metadata``. That works on AWS and on SeaweedFS alike
         (SeaweedFS refuses COPY when source and target coincide), and with
-        ``source_key == target_key`` it rewrites an object's metadata in place.
+        ``source_key == target_key`` it rewrites an object's metadata in place
+        (and re-encrypts it under the current key if it was under an older one).
         """
         if metadata is None:
             metadata = (await self.head(source_key)).metadata
-        response = await self._call(
-            "CopyObject",
-            source_key,
-            functools.partial(
-                self._client.copy_object, Bucket=self.bucket, Key=target_key,
-                CopySource={"Bucket": self.bucket, "Key": source_key},
-                MetadataDirective="REPLACE", Metadata=metadata,
-                **self._sse, **self._copy_source_sse,
-            ),
-        )
+
+        async def attempt(source_sse: SseKey) -> Any:
+            return await self._call(
+                "CopyObject",
+                source_key,
+                functools.partial(
+                    self._client.copy_object, Bucket=self.bucket, Key=target_key,
+                    CopySource={"Bucket": self.bucket, "Key": source_key},
+                    MetadataDirective="REPLACE", Metadata=metadata,
+                    **self._sse, **source_sse.copy_source_params(),
+                ),
+            )
+
+        response = await self._with_fitting_key(source_key, attempt)
         self._check_echo("CopyObject", target_key, response, required=False)
+        self._stored_under(target_key, self._key)
         return str(response.get("CopyObjectResult", {}).get("ETag", "")).strip('"')
 
     async def delete(self, object_key: str) -> None:
@@ -489,6 +576,8 @@ class ObjectStore:
             object_key,
             functools.partial(self._client.delete_object, Bucket=self.bucket, Key=object_key),
         )
+        if self.key_index.get(object_key) is not None:
+            self.key_index.forget(object_key)
 
 
 def _first_line(error: BaseException) -> str:
