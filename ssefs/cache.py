@@ -64,7 +64,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import ConfigError, SsefsError
-from .keys import SseKey
+from .keys import KeyRing, SseKey
 from .metadata import NO_ATTRIBUTES, FileAttributes
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,11 @@ CREATE TABLE IF NOT EXISTS blocks (
     PRIMARY KEY (entry_id, block_index)
 );
 """
+
+
+def _key_check(cache_key: bytes) -> str:
+    """A value that shows which key a cache was created under, without revealing it."""
+    return hmac.new(cache_key, b"ssefs cache key check", hashlib.sha256).hexdigest()
 
 
 def _lock_directory(directory: Path) -> IO[str]:
@@ -200,7 +205,7 @@ class BlockInfo:
 class BlockCache:
     """Encrypted blocks of cached objects, with their journal."""
 
-    def __init__(self, directory: Path, key: SseKey, *, identity: str, max_size: int) -> None:
+    def __init__(self, directory: Path, keys: KeyRing | SseKey, *, identity: str, max_size: int) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.directory, 0o700)
@@ -208,10 +213,8 @@ class BlockCache:
         self.blocks_dir = self.directory / "blocks"
         self.blocks_dir.mkdir(exist_ok=True, mode=0o700)
         self.max_size = max_size
-        cache_key = key.derive(b"cache-blocks-v1")
-        self._cache_key = cache_key
+        ring = keys if isinstance(keys, KeyRing) else KeyRing(keys)
         self._ciphers: dict[bytes, AESGCM] = {}
-        key_check = hmac.new(cache_key, b"ssefs cache key check", hashlib.sha256).hexdigest()
         self._db = sqlite3.connect(self.directory / "journal.sqlite", isolation_level=None)
         os.chmod(self.directory / "journal.sqlite", 0o600)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -221,7 +224,7 @@ class BlockCache:
         self._db.executescript(SCHEMA)
         self._add_missing_columns()
         try:
-            self._check_identity(identity, key_check)
+            self._cache_key = self._check_identity(identity, ring)
         except BaseException:
             self.close()
             raise
@@ -246,15 +249,24 @@ class BlockCache:
             if column not in present:
                 self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
 
-    def _check_identity(self, identity: str, key_check: str) -> None:
+    def _check_identity(self, identity: str, ring: KeyRing) -> bytes:
+        """Check the cache is this mount's, and return the key its blocks are sealed with.
+
+        That is the current key's derivation for a new cache, and for an existing
+        one whichever key of the ring created it: after a key rotation the blocks
+        already here (perhaps not yet uploaded) stay readable, while uploads go out
+        under the current key.
+        """
         stored = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
+        candidates = {_key_check(key.derive(b"cache-blocks-v1")): key for key in ring.all}
+        current_check = _key_check(ring.current.derive(b"cache-blocks-v1"))
         if not stored:
             with self._transaction():
                 self._db.executemany(
                     "INSERT INTO meta VALUES (?, ?)",
-                    [("format", FORMAT_VERSION), ("identity", identity), ("key_check", key_check)],
+                    [("format", FORMAT_VERSION), ("identity", identity), ("key_check", current_check)],
                 )
-            return
+            return ring.current.derive(b"cache-blocks-v1")
         if stored.get("format") != FORMAT_VERSION:
             raise CacheMismatch(f"cache {self.directory} has format {stored.get('format')!r}, not {FORMAT_VERSION}")
         if stored.get("identity") != identity:
@@ -262,11 +274,28 @@ class BlockCache:
                 f"cache {self.directory} belongs to {stored.get('identity')}, not {identity}; "
                 "give this mount its own [cache] dir"
             )
-        if not hmac.compare_digest(stored.get("key_check", ""), key_check):
+        for check, key in candidates.items():
+            if hmac.compare_digest(stored.get("key_check", ""), check):
+                return key.derive(b"cache-blocks-v1")
+        pending = self._db.execute(
+            "SELECT COUNT(DISTINCT e.id) FROM entries e LEFT JOIN blocks b ON b.entry_id = e.id "
+            "WHERE e.generation > e.uploaded_generation OR b.write_generation > e.uploaded_generation"
+        ).fetchone()[0]
+        if pending:
             raise CacheMismatch(
-                f"cache {self.directory} was written under another SSE-C key; it may hold data not yet "
-                "uploaded. Mount with the key that wrote it, or give this mount another [cache] dir"
+                f"cache {self.directory} was written under another SSE-C key and holds {pending} file(s) not yet "
+                "uploaded. Mount with the key that wrote it (as the key or in previous_keys), "
+                "or give this mount another [cache] dir"
             )
+        # Nothing waits for upload: it is only a cache, so start it afresh under the current key.
+        log.info("cache %s was written under a key no longer configured; starting it empty", self.directory)
+        with self._transaction():
+            self._db.execute("DELETE FROM blocks")
+            self._db.execute("DELETE FROM entries")
+            self._db.execute("UPDATE meta SET value = ? WHERE name = 'key_check'", (current_check,))
+        shutil.rmtree(self.blocks_dir, ignore_errors=True)
+        self.blocks_dir.mkdir(exist_ok=True, mode=0o700)
+        return ring.current.derive(b"cache-blocks-v1")
 
     def _load(self) -> None:
         for row in self._db.execute(

@@ -281,6 +281,7 @@ def status(mountpoint: Path, as_json: bool) -> None:
         ("endpoint", state["endpoint"]),
         ("bucket", state["bucket"] + ("/" + prefix if prefix else "")),
         ("key fingerprint", state["key_fingerprint"]),
+        ("previous keys", ", ".join(state.get("previous_key_fingerprints", [])) or "none"),
         ("cache", f"{_size(state['cache_used_bytes'])} of {_size(state['cache_max_bytes'])} in {state['cache_dir']}"),
         ("dirty", f"{state['dirty_files']} file(s), {_size(state['dirty_bytes'])} waiting for upload"),
         ("uploads in flight", state["uploads_in_flight"]),

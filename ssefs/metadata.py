@@ -135,11 +135,13 @@ class XattrSealer:
     the server in clear. So names and values are sealed together with AES-GCM
     under a key derived from the mount key (random nonce per sealing) and
     stored as one base64 value. A blob that fails to open reads as no
-    extended attributes (and is logged by the caller).
+    extended attributes (and is logged by the caller). Blobs sealed under the
+    derivation of a previous key still open; sealing always uses the first key.
     """
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, *older: bytes) -> None:
         self._cipher = AESGCM(key)
+        self._older = [AESGCM(other) for other in older]
 
     def seal(self, xattrs: dict[bytes, bytes]) -> str | None:
         if not xattrs:
@@ -157,9 +159,16 @@ class XattrSealer:
             return {}
         try:
             raw = base64.b64decode(blob, validate=True)
-            plain = self._cipher.decrypt(raw[:12], raw[12:], XATTR_ASSOCIATED_DATA)
-        except (binascii.Error, InvalidTag, ValueError):
-            raise ValueError("extended attributes cannot be opened (damaged, or sealed under another key)") from None
+        except (binascii.Error, ValueError):
+            raise ValueError("extended attributes cannot be opened (damaged)") from None
+        for cipher in (self._cipher, *self._older):
+            try:
+                plain = cipher.decrypt(raw[:12], raw[12:], XATTR_ASSOCIATED_DATA)
+                break
+            except (InvalidTag, ValueError):
+                continue
+        else:
+            raise ValueError("extended attributes cannot be opened (damaged, or sealed under another key)")
         xattrs, position = {}, 0
         while position < len(plain):
             name_length = int.from_bytes(plain[position:position + 2], "big")
@@ -169,6 +178,39 @@ class XattrSealer:
             xattrs[name] = plain[position + 4:position + 4 + value_length]
             position += 4 + value_length
         return xattrs
+
+
+class StoredKeyIndex:
+    """Which key (by fingerprint) each object not under the current key is stored with.
+
+    Kept in ``metadata.sqlite`` so that after a key rotation each old object
+    costs one refused request once, not on every read, across remounts too.
+    Objects under the current key have no row: the table stays as small as
+    what is left to re-encrypt.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        path = Path(directory) / "metadata.sqlite"
+        self._db = sqlite3.connect(path, isolation_level=None)
+        os.chmod(path, 0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE IF NOT EXISTS object_keys (object_key TEXT PRIMARY KEY, fingerprint TEXT)")
+        self._fingerprints = dict(self._db.execute("SELECT object_key, fingerprint FROM object_keys").fetchall())
+
+    def get(self, object_key: str) -> str | None:
+        return self._fingerprints.get(object_key)
+
+    def remember(self, object_key: str, fingerprint: str) -> None:
+        self._fingerprints[object_key] = fingerprint
+        self._db.execute("INSERT OR REPLACE INTO object_keys VALUES (?, ?)", (object_key, fingerprint))
+
+    def forget(self, object_key: str) -> None:
+        if self._fingerprints.pop(object_key, None) is not None:
+            self._db.execute("DELETE FROM object_keys WHERE object_key = ?", (object_key,))
+
+    def close(self) -> None:
+        self._db.close()
 
 
 class MetadataIndex:

@@ -29,8 +29,8 @@ from .cache import BlockCache
 from .config import Config
 from .errors import NotEncrypted, ServerUnavailable, StartupCheckError, WrongKey
 from .fs import Operations
-from .keys import KeyRing, SseKey
-from .metadata import XattrSealer
+from .keys import KeyRing
+from .metadata import StoredKeyIndex, XattrSealer
 from .store import ObjectStore
 from .vfs import Filesystem
 
@@ -168,13 +168,15 @@ async def serve(
     """Mount and serve until unmounted or sent SIGINT/SIGTERM."""
     check_mountpoint(mountpoint)
     key = keys.current
-    store = ObjectStore(config.s3, key)
+    store = ObjectStore(config.s3, keys)
     await startup_check(store, config, skip_key_check=skip_key_check or config.mount.skip_key_check)
     cache = BlockCache(
-        config.cache.dir, key, identity=f"{config.s3.endpoint}/{config.s3.bucket}/{config.key_prefix}",
+        config.cache.dir, keys, identity=f"{config.s3.endpoint}/{config.s3.bucket}/{config.key_prefix}",
         max_size=config.cache.max_size,
     )
-    filesystem = Filesystem(config, store, cache, XattrSealer(key.derive(b"xattrs-v1")))
+    store.key_index = StoredKeyIndex(cache.directory)
+    xattr_sealer = XattrSealer(*(each.derive(b"xattrs-v1") for each in keys.all))
+    filesystem = Filesystem(config, store, cache, xattr_sealer)
     filesystem.recover()
     operations = Operations(filesystem)
     # Resolved before mounting: once mounted, touching the mount point from this
@@ -184,16 +186,17 @@ async def serve(
     unmounted = False
     try:
         state.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _write_state(state, _status(config, key, mountpoint, filesystem))
+        _write_state(state, _status(config, keys, mountpoint, filesystem))
         log.info(
-            "mounted s3 bucket %s%s at %s (key fingerprint %s)",
+            "mounted s3 bucket %s%s at %s (key fingerprint %s%s)",
             config.s3.bucket, "/" + config.key_prefix if config.key_prefix else "", mountpoint, key.fingerprint,
+            "; previous keys " + ", ".join(k.fingerprint for k in keys.previous) if keys.previous else "",
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
             await nursery.start(filesystem.writeback.run)
             filesystem.background = nursery
-            nursery.start_soon(_report_status, state, config, key, mountpoint, filesystem)
+            nursery.start_soon(_report_status, state, config, keys, mountpoint, filesystem)
             nursery.start_soon(_announce_when_live, mountpoint, config, on_ready)
             await pyfuse3.main()
             unmounted = True
@@ -209,7 +212,7 @@ async def serve(
         log.info("unmounted %s%s", mountpoint, "" if unmounted else " (after an error)")
 
 
-def _status(config: Config, key: SseKey, mountpoint: Path, filesystem: Filesystem) -> dict[str, object]:
+def _status(config: Config, keys: KeyRing, mountpoint: Path, filesystem: Filesystem) -> dict[str, object]:
     writeback = filesystem.writeback.status()
     return {
         "pid": os.getpid(),
@@ -218,7 +221,8 @@ def _status(config: Config, key: SseKey, mountpoint: Path, filesystem: Filesyste
         "endpoint": config.s3.endpoint,
         "bucket": config.s3.bucket,
         "prefix": config.key_prefix,
-        "key_fingerprint": key.fingerprint,
+        "key_fingerprint": keys.current.fingerprint,
+        "previous_key_fingerprints": [key.fingerprint for key in keys.previous],
         "cache_dir": str(config.cache.dir),
         "cache_used_bytes": filesystem.cache.used_bytes,
         "cache_max_bytes": filesystem.cache.max_size,
@@ -240,12 +244,14 @@ def _write_state(path: Path, payload: dict[str, object]) -> None:
     os.replace(temporary, path)
 
 
-async def _report_status(state: Path, config: Config, key: SseKey, mountpoint: Path, filesystem: Filesystem) -> None:
+async def _report_status(
+    state: Path, config: Config, keys: KeyRing, mountpoint: Path, filesystem: Filesystem
+) -> None:
     """Refresh the state file that ``ssefs status`` reads, once a second."""
     while True:
         await trio.sleep(STATUS_INTERVAL_SECONDS)
         try:
-            _write_state(state, _status(config, key, mountpoint, filesystem))
+            _write_state(state, _status(config, keys, mountpoint, filesystem))
         except OSError as error:
             log.debug("could not write status file %s: %s", state, error)
 

@@ -125,6 +125,8 @@ class ObjectStore:
         self.bucket = settings.bucket
         self.keys = keys if isinstance(keys, KeyRing) else KeyRing(keys)
         self.key_index: KeyIndex = key_index or MemoryKeyIndex()
+        # Objects seen to be under the current key, while previous keys are configured.
+        self._under_current_key: set[str] = set()
         self._key = self.keys.current
         self._sse = self._key.sse_params()
         self.limiter = trio.CapacityLimiter(settings.max_connections)
@@ -178,6 +180,21 @@ class ObjectStore:
                 self.key_index.forget(object_key)
         elif self.key_index.get(object_key) != key.fingerprint:
             self.key_index.remember(object_key, key.fingerprint)
+
+    async def _copy_source_key(self, object_key: str) -> SseKey:
+        """The key to name for ``object_key`` as a copy source.
+
+        A copy source under the wrong key gets a 500 from SeaweedFS rather than a
+        403, so while previous keys are configured an object whose key is not yet
+        known is HEADed (which finds and remembers its key) before it is copied.
+        """
+        if not self.keys.previous or self.key_index.get(object_key) is not None:
+            return self.key_for(object_key)
+        if object_key not in self._under_current_key:
+            await self.head(object_key)
+            if self.key_index.get(object_key) is None:
+                self._under_current_key.add(object_key)
+        return self.key_for(object_key)
 
     async def _with_fitting_key(self, object_key: str, attempt: Callable[[SseKey], Awaitable[T]]) -> T:
         """Run ``attempt`` with the object's key; on a 403, with each other key of the ring."""
@@ -499,7 +516,8 @@ class ObjectStore:
         """
         if self.part_copy_supported is False:
             return None
-        source_sse = self.key_for(source_key).copy_source_params()
+
+        source_sse = (await self._copy_source_key(source_key)).copy_source_params()
 
         def copy() -> Any:
             return self._client.upload_part_copy(
@@ -553,21 +571,19 @@ class ObjectStore:
         if metadata is None:
             metadata = (await self.head(source_key)).metadata
 
-        async def attempt(source_sse: SseKey) -> Any:
-            return await self._call(
-                "CopyObject",
-                source_key,
-                functools.partial(
-                    self._client.copy_object, Bucket=self.bucket, Key=target_key,
-                    CopySource={"Bucket": self.bucket, "Key": source_key},
-                    MetadataDirective="REPLACE", Metadata=metadata,
-                    **self._sse, **source_sse.copy_source_params(),
-                ),
-            )
-
-        response = await self._with_fitting_key(source_key, attempt)
+        source_sse = (await self._copy_source_key(source_key)).copy_source_params()
+        response = await self._call(
+            "CopyObject",
+            source_key,
+            functools.partial(
+                self._client.copy_object, Bucket=self.bucket, Key=target_key,
+                CopySource={"Bucket": self.bucket, "Key": source_key},
+                MetadataDirective="REPLACE", Metadata=metadata, **self._sse, **source_sse,
+            ),
+        )
         self._check_echo("CopyObject", target_key, response, required=False)
         self._stored_under(target_key, self._key)
+        self._under_current_key.discard(source_key)
         return str(response.get("CopyObjectResult", {}).get("ETag", "")).strip('"')
 
     async def delete(self, object_key: str) -> None:
@@ -578,6 +594,7 @@ class ObjectStore:
         )
         if self.key_index.get(object_key) is not None:
             self.key_index.forget(object_key)
+        self._under_current_key.discard(object_key)
 
 
 def _first_line(error: BaseException) -> str:

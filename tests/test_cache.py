@@ -539,15 +539,56 @@ async def test_writing_more_than_max_size_with_uploads_stays_bounded(cache_dir: 
 # ------------------------------------------------------------------ identity
 
 
-async def test_reopening_with_another_key_is_refused(cache_dir: Path) -> None:
+async def test_reopening_with_another_key_is_refused_while_uploads_are_pending(cache_dir: Path) -> None:
     cache = make_cache(cache_dir)
-    new_entry(cache, OBJECT)
+    await cache.sync(new_entry(cache, OBJECT))
     cache.close()
-    with pytest.raises(CacheMismatch, match="another SSE-C key"):
+    with pytest.raises(CacheMismatch, match="another SSE-C key and holds 1 file"):
         make_cache(cache_dir, key=OTHER_KEY)
     reopened = make_cache(cache_dir)  # the refusal changed nothing
     assert reopened.entry(OBJECT) is not None
     reopened.close()
+
+
+async def test_clean_cache_under_a_dropped_key_starts_afresh(cache_dir: Path) -> None:
+    cache = make_cache(cache_dir)
+    entry = based_entry(cache, OBJECT, b"x" * 10)
+    await cache.write_block(entry, 0, b"x" * 10, dirty=False)
+    cache.mark_uploaded(entry, entry.generation, etag="e2", size=10)
+    await cache.sync(entry)
+    cache.close()
+    assert any((cache_dir / "blocks").iterdir())
+    reopened = make_cache(cache_dir, key=OTHER_KEY)
+    assert reopened.entry(OBJECT) is None
+    assert reopened.used_bytes == 0 and not any((cache_dir / "blocks").iterdir())
+    reopened.close()
+    make_cache(cache_dir, key=OTHER_KEY).close()  # now it is the other key's cache
+    with pytest.raises(CacheMismatch):
+        await _reopen_with_pending_under(cache_dir, KEY, OTHER_KEY)
+
+
+async def _reopen_with_pending_under(cache_dir: Path, writer: SseKey, reader: SseKey) -> None:
+    cache = make_cache(cache_dir, key=writer)
+    await cache.sync(new_entry(cache, "pending"))
+    cache.close()
+    make_cache(cache_dir, key=reader).close()
+
+
+async def test_cache_written_under_a_previous_key_stays_readable_after_rotation(cache_dir: Path) -> None:
+    from ssefs.keys import KeyRing
+
+    cache = make_cache(cache_dir)
+    entry = new_entry(cache, OBJECT)
+    await cache.write_block(entry, 0, b"written before the rotation", dirty=True)
+    cache.record_change(entry, size=27)
+    await cache.sync(entry)
+    cache.close()
+    rotated = BlockCache(cache_dir, KeyRing(OTHER_KEY, (KEY,)), identity=IDENTITY, max_size=1 << 40)
+    reopened_entry = rotated.entry(OBJECT)
+    assert reopened_entry is not None and reopened_entry.dirty
+    block = await rotated.read_block(reopened_entry, 0)
+    assert block is not None and block.startswith(b"written before the rotation")
+    rotated.close()
 
 
 async def test_reopening_for_another_bucket_is_refused(cache_dir: Path) -> None:
