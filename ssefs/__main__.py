@@ -1,5 +1,5 @@
-"""``python -m ssefs``: the same as the ``ssefs`` command."""
+"""``python -m ssefs``: the same as the ``ssefs`` command (including its mount(8) helper form)."""
 
-from .cli import main
+from .mounthelper import entry
 
-main()
+entry()

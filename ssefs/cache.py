@@ -108,6 +108,11 @@ CREATE TABLE IF NOT EXISTS blocks (
 """
 
 
+def _remove_directories(directories: list[Path]) -> None:
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def _key_check(cache_key: bytes) -> str:
     """A value that shows which key a cache was created under, without revealing it."""
     return hmac.new(cache_key, b"ssefs cache key check", hashlib.sha256).hexdigest()
@@ -237,6 +242,10 @@ class BlockCache:
         self._clean_lru: OrderedDict[tuple[int, int], None] = OrderedDict()
         self.used_bytes = 0
         self._space_freed = trio.Event()
+        # Block directories of dropped entries, waiting for ``remove_dropped_files``.
+        self._doomed_directories: list[Path] = []
+        self._reaper_wakeup = trio.Event()
+        self._reaper_running = False
         self._load()
 
     # ------------------------------------------------------------------ start-up
@@ -405,7 +414,7 @@ class BlockCache:
     def drop_entry(self, entry: Entry) -> None:
         """Forget an entry and delete its blocks (the file was deleted or changed elsewhere)."""
         for index in list(self._entry_blocks.get(entry.id, ())):
-            self._forget_block(entry, index)
+            self._forget_block(entry, index, remove_file=False)
         self._entry_blocks.pop(entry.id, None)
         with self._transaction():
             self._db.execute("DELETE FROM blocks WHERE entry_id = ?", (entry.id,))
@@ -415,8 +424,32 @@ class BlockCache:
             del self._by_key[entry.object_key]
         # A worker thread may be sealing a block into this directory right now;
         # whatever it leaves is removed when it returns (or at the next start).
-        shutil.rmtree(self.blocks_dir / str(entry.id), ignore_errors=True)
+        # The files go in the background: deleting them is most of an unlink's cost.
+        if self._reaper_running:
+            self._doomed_directories.append(self.blocks_dir / str(entry.id))
+            self._reaper_wakeup.set()
+        else:
+            shutil.rmtree(self.blocks_dir / str(entry.id), ignore_errors=True)
         self._signal_space()
+
+    async def remove_dropped_files(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Delete the block files of dropped entries in a worker thread, off the request path.
+
+        Their journal rows are gone already, so a crash in between only leaves
+        files that the next start removes as orphans.
+        """
+        self._reaper_running = True
+        task_status.started()
+        try:
+            while True:
+                await self._reaper_wakeup.wait()
+                self._reaper_wakeup = trio.Event()
+                doomed, self._doomed_directories = self._doomed_directories, []
+                await trio.to_thread.run_sync(_remove_directories, doomed)
+        finally:
+            self._reaper_running = False
+            _remove_directories(self._doomed_directories)
+            self._doomed_directories = []
 
     def unlink_entry(self, entry: Entry) -> None:
         """Detach an entry from its name: it serves the file's open handles and is never uploaded.
@@ -652,7 +685,7 @@ class BlockCache:
             self._save_entry(entry)
         return True
 
-    def _forget_block(self, entry: Entry, index: int) -> None:
+    def _forget_block(self, entry: Entry, index: int, *, remove_file: bool = True) -> None:
         info = self._blocks.pop((entry.id, index), None)
         if info is None:
             return
@@ -660,7 +693,8 @@ class BlockCache:
         self.used_bytes -= info.stored_bytes
         self._clean_lru.pop((entry.id, index), None)
         entry.unsynced.discard(index)
-        self._block_path(entry.id, index).unlink(missing_ok=True)
+        if remove_file:
+            self._block_path(entry.id, index).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ size bound
 

@@ -213,6 +213,10 @@ class StoredKeyIndex:
         self._db.close()
 
 
+# How many forgotten keys to collect before deleting their rows in one statement.
+FORGET_BATCH = 256
+
+
 class MetadataIndex:
     """Attributes of objects by key, valid while the object keeps the ETag and LastModified
     (to the second) they were read with.
@@ -238,6 +242,7 @@ class MetadataIndex:
             "CREATE TABLE IF NOT EXISTS attributes (object_key TEXT PRIMARY KEY, etag TEXT NOT NULL, "
             "last_modified INTEGER, mode INTEGER, uid INTEGER, gid INTEGER, mtime_ns INTEGER, xattrs TEXT)"
         )
+        self._forgotten: set[str] = set()
         self._known: dict[str, tuple[str, int | None, FileAttributes]] = {
             key: (etag, last_modified, FileAttributes(mode, uid, gid, mtime_ns, xattrs))
             for key, etag, last_modified, mode, uid, gid, mtime_ns, xattrs in self._db.execute(
@@ -259,6 +264,7 @@ class MetadataIndex:
         self, object_key: str, etag: str, attributes: FileAttributes, last_modified: float | None = None
     ) -> None:
         row = (etag, None if last_modified is None else int(last_modified), attributes)
+        self._forgotten.discard(object_key)
         if self._known.get(object_key) == row:
             return
         self._known[object_key] = row
@@ -277,8 +283,18 @@ class MetadataIndex:
             self._db.execute("COMMIT")
 
     def forget(self, object_key: str) -> None:
+        # A stale row is harmless (it no longer matches any listing), so deletes
+        # are batched: one statement per file made an unlink a third slower.
         if self._known.pop(object_key, None) is not None:
-            self._db.execute("DELETE FROM attributes WHERE object_key = ?", (object_key,))
+            self._forgotten.add(object_key)
+            if len(self._forgotten) >= FORGET_BATCH:
+                self._delete_forgotten()
+
+    def _delete_forgotten(self) -> None:
+        if self._forgotten:
+            self._db.executemany("DELETE FROM attributes WHERE object_key = ?", [(key,) for key in self._forgotten])
+            self._forgotten.clear()
 
     def close(self) -> None:
+        self._delete_forgotten()
         self._db.close()

@@ -101,14 +101,17 @@ async def startup_check(store: ObjectStore, config: Config, *, skip_key_check: b
 
 
 def _notify_systemd(message: str) -> None:
+    """sd_notify(3): tell systemd ``message``; like sd_notify, a failed delivery is logged, never raised."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.connect(address)
-        notify.sendall(message.encode())
+    target = "\0" + address[1:] if address.startswith("@") else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
+            notify.connect(target)
+            notify.sendall(message.encode())
+    except OSError as error:
+        log.warning("could not send %s to systemd on NOTIFY_SOCKET %s: %s", message, address, error.strerror or error)
 
 
 def set_kernel_read_ahead(device: int, size: int) -> None:
@@ -174,7 +177,7 @@ async def serve(
         config.cache.dir, keys, identity=f"{config.s3.endpoint}/{config.s3.bucket}/{config.key_prefix}",
         max_size=config.cache.max_size,
     )
-    store.key_index = StoredKeyIndex(cache.directory)
+    key_index = store.key_index = StoredKeyIndex(cache.directory)
     xattr_sealer = XattrSealer(*(each.derive(b"xattrs-v1") for each in keys.all))
     filesystem = Filesystem(config, store, cache, xattr_sealer)
     filesystem.recover()
@@ -195,6 +198,7 @@ async def serve(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
             await nursery.start(filesystem.writeback.run)
+            await nursery.start(cache.remove_dropped_files)
             filesystem.background = nursery
             nursery.start_soon(_report_status, state, config, keys, mountpoint, filesystem)
             nursery.start_soon(_announce_when_live, mountpoint, config, on_ready)
@@ -208,6 +212,7 @@ async def serve(
         pyfuse3.close(unmount=True)
         await filesystem.shutdown()
         cache.close()
+        key_index.close()
         state.unlink(missing_ok=True)
         log.info("unmounted %s%s", mountpoint, "" if unmounted else " (after an error)")
 

@@ -117,6 +117,12 @@ class Filesystem:
     def recover(self) -> None:
         """Queue what an earlier run left dirty in the cache (after a crash or a failed flush)."""
         dirty = self.cache.dirty_entries()
+        if dirty and self.config.mount.read_only:
+            log.warning(
+                "the cache holds %d file(s) not yet uploaded (%d bytes); a read-only mount does not upload: "
+                "mount read-write to upload them", len(dirty), sum(entry.size for entry in dirty),
+            )
+            return
         if dirty:
             log.warning(
                 "recovered %d file(s) not yet uploaded from the cache (%d bytes): %s",
@@ -988,6 +994,9 @@ class Filesystem:
 
     async def shutdown(self) -> None:
         """Upload everything still dirty (after the kernel let go); report what could not be."""
+        if self.config.mount.read_only:  # nothing was written; what the cache holds waits for a read-write mount
+            self.metadata.close()
+            return
         left = await self.writeback.flush_all()
         log.info(
             "this mount uploaded %d file(s), %d bytes; %d file(s) left dirty",
@@ -999,6 +1008,7 @@ class Filesystem:
                 "uploaded at the next mount with this config",
                 len(left), sum(entry.size for entry in left), self.cache.directory,
             )
+        self.metadata.close()
 
 
 def _nanoseconds(seconds: float) -> int:

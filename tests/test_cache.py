@@ -974,3 +974,22 @@ async def test_entries_without_blocks_or_changes_are_forgotten(cache_dir: Path) 
     cache.drop_if_empty(dirty)
     assert cache.entry("dirty") is dirty  # changes not uploaded: kept
     cache.close()
+
+
+async def test_dropped_entries_lose_their_files_in_the_background(cache: BlockCache) -> None:
+    entry = based_entry(cache, OBJECT, b"x" * 10)
+    await cache.write_block(entry, 0, b"x" * 10, dirty=False)
+    directory = block_file(cache, entry, 0).parent
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.remove_dropped_files)
+        cache.drop_entry(entry)
+        assert cache.entry(OBJECT) is None and cache.used_bytes == 0
+        with trio.fail_after(10):
+            while directory.exists():
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    # Without the background task (as at shutdown) the files go at once.
+    second = based_entry(cache, "other", b"y")
+    await cache.write_block(second, 0, b"y", dirty=False)
+    cache.drop_entry(second)
+    assert not block_file(cache, second, 0).parent.exists()

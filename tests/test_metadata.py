@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -76,3 +77,35 @@ def test_index_answers_only_for_the_same_etag_and_survives_reopening(tmp_path: P
     assert oct(os.stat(tmp_path / "metadata.sqlite").st_mode & 0o777) == "0o600"
     reopened.forget("dir/file")
     assert reopened.get("dir/file", "etag-1", 1000.0) is None
+
+
+def test_forgotten_rows_are_deleted_in_batches_and_a_new_put_survives_them(tmp_path: Path) -> None:
+    from ssefs.metadata import FORGET_BATCH
+
+    index = MetadataIndex(tmp_path)
+    attributes = FileAttributes(0o100644, 0, 0, 1, None)
+    index.put_many([(f"f{number}", "etag", attributes, 1000.0) for number in range(FORGET_BATCH + 2)])
+    index.forget("f0")
+    index.forget("f1")
+    index.put("f1", "etag-new", attributes)  # re-created before the batch went out
+    index.close()
+    reopened = MetadataIndex(tmp_path)
+    assert reopened.get("f0", "etag", 1000.0) is None
+    assert reopened.get("f1", "etag-new", 1000.0) == attributes
+    for number in range(2, FORGET_BATCH + 2):
+        reopened.forget(f"f{number}")  # the batch fills and is written without a close
+    rows = sqlite3.connect(tmp_path / "metadata.sqlite").execute("SELECT object_key FROM attributes").fetchall()
+    assert sorted(rows) == [("f1",)]
+
+
+def test_stored_key_index_survives_reopening(tmp_path: Path) -> None:
+    from ssefs.metadata import StoredKeyIndex
+
+    index = StoredKeyIndex(tmp_path)
+    index.remember("old/a", "0123456789abcdef")
+    index.remember("old/b", "0123456789abcdef")
+    index.forget("old/b")
+    index.close()
+    reopened = StoredKeyIndex(tmp_path)
+    assert reopened.get("old/a") == "0123456789abcdef"
+    assert reopened.get("old/b") is None
