@@ -144,16 +144,21 @@ def with_mount_overrides(config: Config, *, read_only: bool, allow_other: bool) 
     return dataclasses.replace(config, mount=mount_settings)
 
 
-def _limit_malloc_arenas() -> None:
-    """Two glibc malloc arenas instead of one per thread (8 x cores by default).
+def _tune_malloc() -> None:
+    """Keep the daemon's memory close to what it really holds (glibc only).
 
-    Worker threads each allocating 1-8 MiB buffers in their own arena leave
-    memory fragmented across arenas: RSS grows by tens of MiB for nothing.
-    Must run before the first worker thread starts.
+    Two malloc arenas instead of one per thread (8 x cores by default): worker
+    threads each allocating 1-8 MiB buffers in their own arena leave memory
+    fragmented across arenas. And a fixed mmap threshold of 512 KiB: glibc
+    otherwise raises it to 32 MiB after the first large free, so the 1 MiB
+    blocks and 8 MiB GET bodies land in the heap, where freed ones stay
+    resident. Measured on a 1 GiB cold read: peak RSS 228 MiB -> 193 MiB, same
+    throughput. Must run before the first worker thread starts.
     """
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(ctypes.c_int(-8), ctypes.c_int(2))  # M_ARENA_MAX
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(512 * 1024))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 
@@ -164,7 +169,7 @@ def run_mount(
 ) -> None:
     from .mount import serve  # pyfuse3 is imported only by commands that mount
 
-    _limit_malloc_arenas()
+    _tune_malloc()
 
     def on_ready() -> None:
         if ready_fd is not None:
@@ -328,3 +333,81 @@ def demo(mountpoint: Path, data_dir: Path, log_level: str) -> None:
         run_demo(mountpoint.absolute(), data_dir.absolute())
     except SsefsError as error:
         fail(str(error))
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--from", "old_source", metavar="OLDKEYSOURCE", required=True,
+              help="The key the objects are under now: file:PATH, env:NAME, credential:NAME, "
+                   "command:SHELLCMD, or a PATH.")
+@click.option("--dry-run", is_flag=True, help="Only look: count what would be re-encrypted; write nothing.")
+@click.option("--jobs", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Objects re-encrypted at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def rekey(config_path: Path, old_source: str, dry_run: bool, jobs: int, as_json: bool) -> None:
+    """Re-encrypt every object of CONFIG's bucket/prefix from the --from key to CONFIG's current key.
+
+    Server-side copies onto themselves, user metadata kept. Objects already under
+    the current key are left alone, so an interrupted run can simply be run again;
+    a journal in the cache directory lets it skip what it finished.
+
+    \b
+    Exit codes:
+      0    every object readable with the old key is now under the current key
+           (objects readable with neither key, or stored without SSE-C, are
+           listed and skipped: see ssefs check)
+      1    some objects failed (listed), or the run could not start
+      2    usage error
+      130  interrupted (run it again to resume)
+    """
+    from .rekey import load_rekey_keys, run_rekey
+
+    configure_logging("warning")
+    try:
+        config = load_config(config_path)
+        old, new = load_rekey_keys(config, old_source)
+    except SsefsError as error:
+        fail(str(error))
+    protect_logs(KeyRing(new, (old,)))
+    try:
+        code = run_rekey(config, old, new, jobs=jobs, dry_run=dry_run, as_json=as_json)
+    except SsefsError as error:
+        fail(str(error))
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--jobs", type=click.IntRange(1, 256), default=8, show_default=True, help="HEAD requests at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check(config_path: Path, jobs: int, as_json: bool) -> None:
+    """Report which key each object of CONFIG's bucket/prefix is stored under.
+
+    Counts objects per key fingerprint (the current key and previous_keys: a
+    previous key that holds no object any more can be dropped), and lists the
+    objects no configured key can read and those stored without SSE-C.
+
+    \b
+    Exit codes:
+      0    every object opens with a configured key (current or previous_keys)
+           and is stored with SSE-C
+      1    some objects are unreadable with every configured key, are stored
+           without SSE-C, or could not be checked (all listed); or the check
+           could not start
+      2    usage error
+      130  interrupted
+    """
+    from .rekey import run_check
+
+    configure_logging("warning")
+    try:
+        config = load_config(config_path)
+        keys = load_key_ring(config)
+    except SsefsError as error:
+        fail(str(error))
+    protect_logs(keys)
+    try:
+        code = run_check(config, keys, jobs=jobs, as_json=as_json)
+    except SsefsError as error:
+        fail(str(error))
+    sys.exit(code)

@@ -39,7 +39,7 @@ def ssefs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 def test_version_and_help_on_every_command() -> None:
     result = ssefs("--version")
     assert result.returncode == 0 and __version__ in result.stdout
-    for command in ([], ["mount"], ["umount"], ["keygen"], ["demo"]):
+    for command in ([], ["mount"], ["umount"], ["status"], ["keygen"], ["demo"], ["rekey"], ["check"]):
         result = ssefs(*command, "--help")
         assert result.returncode == 0, result.stderr
         assert "Usage:" in result.stdout
