@@ -47,7 +47,7 @@ from .errors import (
 )
 from .keys import KeyRing, SseKey, load_key
 from .store import SSE_BLOCKED_HINT, ObjectInfo, ObjectStore
-from .uploader import upload_object
+from .uploader import copy_object
 
 DEFAULT_JOBS = 8
 # Human output names at most this many objects per list; --json lists them all.
@@ -437,21 +437,8 @@ class RekeyReport:
 async def copy_in_place(
     store: ObjectStore, settings: S3Settings, info: ObjectInfo, *, multipart_above: int = MAX_PART_SIZE
 ) -> str:
-    """Rewrite ``info`` onto itself under the store's current key, metadata kept; returns the new ETag.
-
-    The same two paths as ``uploader.copy_object``: one CopyObject up to 5 GiB
-    (``multipart_above``), part by part above it (UploadPartCopy, or ranged GET
-    and re-upload where the server does not implement it for SSE-C).
-    """
-    if info.size <= multipart_above:
-        return await store.copy(info.key, info.key, info.metadata)
-
-    async def read(offset: int, length: int) -> bytes:
-        return await store.get_range(info.key, offset, length)
-
-    return await upload_object(
-        store, settings, info.key, info.size, read, info.metadata, copy_source=lambda start, end: info.key
-    )
+    """Rewrite ``info`` onto itself under the store's current key, metadata kept; returns the new ETag."""
+    return await copy_object(store, settings, info, info.key, info.metadata, multipart_above=multipart_above)
 
 
 async def rekey_objects(

@@ -116,15 +116,17 @@ async def upload_object(
 
 
 async def copy_object(
-    store: ObjectStore, settings: S3Settings, source: ObjectInfo, target_key: str, metadata: dict[str, str]
+    store: ObjectStore, settings: S3Settings, source: ObjectInfo, target_key: str, metadata: dict[str, str],
+    *, multipart_above: int = MAX_PART_SIZE,
 ) -> str:
     """Server-side copy of ``source`` to ``target_key`` with ``metadata``; returns the new ETag.
 
-    CopyObject stops at 5 GiB: larger objects are copied part by part
-    (UploadPartCopy), and where the server does not implement that (SeaweedFS
-    with SSE-C), the parts are read with ranged GETs and uploaded again.
+    CopyObject stops at 5 GiB (``multipart_above``, lowered only by tests):
+    larger objects are copied part by part (UploadPartCopy), and where the
+    server does not implement that (SeaweedFS with SSE-C), the parts are read
+    with ranged GETs and uploaded again.
     """
-    if source.size <= MAX_PART_SIZE:
+    if source.size <= multipart_above:
         return await store.copy(source.key, target_key, metadata)
 
     async def read(offset: int, length: int) -> bytes:
