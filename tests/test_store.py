@@ -139,19 +139,19 @@ def test_echo_check_accepts_doubled_header() -> None:
 
 async def test_copy_of_an_object_over_the_copyobject_limit_goes_part_by_part(
     endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, key_bytes: bytes, s3: Any,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The 5 GiB CopyObject limit, scaled down to 6 MiB so that a 13 MiB object crosses it:
     # UploadPartCopy is tried (SeaweedFS answers 501 for SSE-C sources) and the parts are
     # then read with ranged GETs and uploaded again.
     from ssefs import uploader
 
-    monkeypatch.setattr(uploader, "MAX_PART_SIZE", 6 * 1024 * 1024)
     store = make_store(endpoint, bucket, sse_key, multipart_threshold=5 * 1024 * 1024, part_size=5 * 1024 * 1024)
     data = secrets.token_bytes(13 * 1024 * 1024 + 7)
     await store.put("big", data, {"mode": "33188"})
     source = await store.head("big")
-    etag = await uploader.copy_object(store, store.settings, source, "big-copy", {"mode": "33152"})
+    etag = await uploader.copy_object(
+        store, store.settings, source, "big-copy", {"mode": "33152"}, multipart_above=6 * 1024 * 1024
+    )
     response = s3.get_object(Bucket=bucket, Key="big-copy", **sse_params(key_bytes))
     assert response["Body"].read() == data
     assert response["Metadata"] == {"mode": "33152"}
