@@ -63,14 +63,47 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class JournalFormatter(logging.Formatter):
+    """Lines for journald: a ``<priority>`` prefix it turns into the entry's level, no timestamp."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITIES.get(record.levelno, 6)
+        # Each line of a traceback becomes its own journal entry: give each the priority.
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is connected to journald (systemd sets ``JOURNAL_STREAM`` to its device:inode)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        info = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (info.st_dev, info.st_ino) == (device, inode)
+
+
 def configure_logging(level: str, log_file: Path | None = None) -> None:
+    """Plain-text log lines (never coloured) with levels, on stderr or in ``log_file``.
+
+    Under systemd, when stderr is the journal, lines carry journald's priority
+    prefix instead of a timestamp, so ``journalctl -p warning`` filters by level.
+    """
+    formatter: logging.Formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         handler: logging.Handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        if stderr_is_journal():
+            formatter = JournalFormatter()
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -293,8 +326,15 @@ def status(mountpoint: Path, as_json: bool) -> None:
         ("uploaded", f"{state['uploaded_files']} file(s), {_size(state['uploaded_bytes'])} since mount"),
         ("last upload error", state["last_upload_error"] or "none"),
     ]
+    if state.get("read_only"):
+        rows.insert(4, ("mode", "read-only"))
     for label, value in rows:
         click.echo(f"{label:>18}: {value}")
+    problems = state.get("recent_problems", [])
+    click.echo(f"{'recent problems':>18}: {'none' if not problems else ''}".rstrip())
+    for problem in problems:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(problem["time"]))
+        click.echo(f"{'':>20}{when} {problem['level']} {problem['message']}")
 
 
 def _size(count: int) -> str:

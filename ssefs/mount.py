@@ -10,6 +10,7 @@ anything is mounted. No business logic lives here.
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import json
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
@@ -39,6 +41,26 @@ log = logging.getLogger(__name__)
 # How many keys to list when looking for one real object to test the key on.
 KEY_CHECK_SAMPLE = 50
 STATUS_INTERVAL_SECONDS = 1.0
+# How many recent warnings and errors ``ssefs status`` shows.
+RECENT_PROBLEMS = 5
+
+
+class RecentProblems(logging.Handler):
+    """Keeps the last few warnings and errors the daemon logged, for ``ssefs status``.
+
+    It takes over the filters of the handlers already installed, so what it
+    keeps is redacted exactly like the log itself.
+    """
+
+    def __init__(self, keep: int = RECENT_PROBLEMS) -> None:
+        super().__init__(logging.WARNING)
+        self.entries: collections.deque[dict[str, object]] = collections.deque(maxlen=keep)
+        for handler in logging.getLogger().handlers:
+            for log_filter in handler.filters:
+                self.addFilter(log_filter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.entries.append({"time": record.created, "level": record.levelname, "message": record.getMessage()})
 
 
 def runtime_dir() -> Path:
@@ -185,11 +207,13 @@ async def serve(
     # Resolved before mounting: once mounted, touching the mount point from this
     # thread would wait for our own, not yet running, request loop.
     state = state_file(mountpoint)
+    status = StatusReport(config, keys, mountpoint, filesystem, RecentProblems())
+    logging.getLogger().addHandler(status.problems)
     pyfuse3.init(operations, str(mountpoint), mount_options(config))
     unmounted = False
     try:
         state.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _write_state(state, _status(config, keys, mountpoint, filesystem))
+        _write_state(state, status.snapshot())
         log.info(
             "mounted s3 bucket %s%s at %s (key fingerprint %s%s)",
             config.s3.bucket, "/" + config.key_prefix if config.key_prefix else "", mountpoint, key.fingerprint,
@@ -200,7 +224,7 @@ async def serve(
             await nursery.start(filesystem.writeback.run)
             await nursery.start(cache.remove_dropped_files)
             filesystem.background = nursery
-            nursery.start_soon(_report_status, state, config, keys, mountpoint, filesystem)
+            nursery.start_soon(_report_status, state, status)
             nursery.start_soon(_announce_when_live, mountpoint, config, on_ready)
             await pyfuse3.main()
             unmounted = True
@@ -214,31 +238,45 @@ async def serve(
         cache.close()
         key_index.close()
         state.unlink(missing_ok=True)
+        logging.getLogger().removeHandler(status.problems)
         log.info("unmounted %s%s", mountpoint, "" if unmounted else " (after an error)")
 
 
-def _status(config: Config, keys: KeyRing, mountpoint: Path, filesystem: Filesystem) -> dict[str, object]:
-    writeback = filesystem.writeback.status()
-    return {
-        "pid": os.getpid(),
-        "mountpoint": str(mountpoint),
-        "config": str(config.path),
-        "endpoint": config.s3.endpoint,
-        "bucket": config.s3.bucket,
-        "prefix": config.key_prefix,
-        "key_fingerprint": keys.current.fingerprint,
-        "previous_key_fingerprints": [key.fingerprint for key in keys.previous],
-        "cache_dir": str(config.cache.dir),
-        "cache_used_bytes": filesystem.cache.used_bytes,
-        "cache_max_bytes": filesystem.cache.max_size,
-        "dirty_files": writeback.dirty_files,
-        "dirty_bytes": writeback.dirty_bytes,
-        "uploads_in_flight": writeback.uploads_in_flight,
-        "uploaded_files": filesystem.writeback.uploaded_files,
-        "uploaded_bytes": filesystem.writeback.uploaded_bytes,
-        "last_upload_error": writeback.last_error,
-        "updated_at": time.time(),
-    }
+@dataclass
+class StatusReport:
+    """What ``ssefs status`` shows, gathered from the parts of a running mount."""
+
+    config: Config
+    keys: KeyRing
+    mountpoint: Path
+    filesystem: Filesystem
+    problems: RecentProblems
+
+    def snapshot(self) -> dict[str, object]:
+        config, keys, filesystem = self.config, self.keys, self.filesystem
+        writeback = filesystem.writeback.status()
+        return {
+            "pid": os.getpid(),
+            "mountpoint": str(self.mountpoint),
+            "config": str(config.path),
+            "endpoint": config.s3.endpoint,
+            "bucket": config.s3.bucket,
+            "prefix": config.key_prefix,
+            "read_only": config.mount.read_only,
+            "key_fingerprint": keys.current.fingerprint,
+            "previous_key_fingerprints": [key.fingerprint for key in keys.previous],
+            "cache_dir": str(config.cache.dir),
+            "cache_used_bytes": filesystem.cache.used_bytes,
+            "cache_max_bytes": filesystem.cache.max_size,
+            "dirty_files": writeback.dirty_files,
+            "dirty_bytes": writeback.dirty_bytes,
+            "uploads_in_flight": writeback.uploads_in_flight,
+            "uploaded_files": filesystem.writeback.uploaded_files,
+            "uploaded_bytes": filesystem.writeback.uploaded_bytes,
+            "last_upload_error": writeback.last_error,
+            "recent_problems": list(self.problems.entries),
+            "updated_at": time.time(),
+        }
 
 
 def _write_state(path: Path, payload: dict[str, object]) -> None:
@@ -249,14 +287,12 @@ def _write_state(path: Path, payload: dict[str, object]) -> None:
     os.replace(temporary, path)
 
 
-async def _report_status(
-    state: Path, config: Config, keys: KeyRing, mountpoint: Path, filesystem: Filesystem
-) -> None:
+async def _report_status(state: Path, status: StatusReport) -> None:
     """Refresh the state file that ``ssefs status`` reads, once a second."""
     while True:
         await trio.sleep(STATUS_INTERVAL_SECONDS)
         try:
-            _write_state(state, _status(config, keys, mountpoint, filesystem))
+            _write_state(state, status.snapshot())
         except OSError as error:
             log.debug("could not write status file %s: %s", state, error)
 

@@ -6,6 +6,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -103,3 +104,29 @@ def test_demo_runs_a_local_encrypted_mount(tmp_path: Path) -> None:
             process.kill()
             process.wait()
         unmount(mountpoint)
+
+
+def test_logs_carry_journald_priorities_when_stderr_is_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from ssefs.cli import configure_logging
+
+    captured = tmp_path / "journal-stream"
+    with open(captured, "w") as stream:
+        info = os.fstat(stream.fileno())
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino}")
+        configure_logging("info")
+        logging.getLogger("ssefs.test").info("mounted")
+        logging.getLogger("ssefs.test").warning("upload failed\nsecond line")
+        logging.getLogger("ssefs.test").debug("not shown at info")
+        # Another stream than the journal's: ordinary timestamped lines.
+        monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino + 1}")
+        configure_logging("info")
+        logging.getLogger("ssefs.test").error("plain")
+    lines = captured.read_text().splitlines()
+    assert lines[:3] == ["<6>ssefs.test: mounted", "<4>ssefs.test: upload failed", "<4>second line"]
+    assert len(lines) == 4 and lines[3].endswith(" ERROR ssefs.test: plain") and lines[3][:4].isdigit()
+    assert "\x1b[" not in captured.read_text()  # never coloured

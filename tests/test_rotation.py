@@ -6,12 +6,15 @@ holds is checked from the outside with boto3: which key each object answers to.
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
+import json
 import os
 import secrets
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -153,6 +156,23 @@ def test_objects_under_an_unconfigured_key_stay_unreadable_after_rotation(
         (mount.mountpoint / "foreign.bin").read_bytes()
     assert denied.value.errno == errno.EACCES
     assert server_bytes(s3, bucket, "foreign.bin", stranger) == b"not ours"  # nothing was lost
+
+    # ssefs status names the problem (the daemon refreshes its status once a second).
+    deadline = time.monotonic() + 10
+    while True:
+        status = subprocess.run(
+            ssefs_command("status", str(mount.mountpoint), "--json"), capture_output=True, text=True, timeout=30
+        )
+        problems = json.loads(status.stdout)["recent_problems"] if status.returncode == 0 else []
+        if problems or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert any("foreign.bin" in problem["message"] and problem["level"] in ("WARNING", "ERROR")
+               for problem in problems), problems
+    shown = subprocess.run(ssefs_command("status", str(mount.mountpoint)), capture_output=True, text=True, timeout=30)
+    assert "recent problems" in shown.stdout and "foreign.bin" in shown.stdout
+    for secret in (base64.b64encode(current).decode(), current.hex()):
+        assert secret not in shown.stdout and secret not in status.stdout
 
 
 # ------------------------------------------------------------------ bad key sources: one clear error, no mount
