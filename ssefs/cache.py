@@ -98,6 +98,11 @@ CREATE TABLE IF NOT EXISTS entries (
     file_xattrs TEXT,
     mtime_ns INTEGER
 );
+CREATE TABLE IF NOT EXISTS multipart_uploads (
+    upload_id TEXT PRIMARY KEY,
+    object_key TEXT NOT NULL,
+    started REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS blocks (
     entry_id INTEGER NOT NULL,
     block_index INTEGER NOT NULL,
@@ -450,6 +455,23 @@ class BlockCache:
             self._reaper_running = False
             _remove_directories(self._doomed_directories)
             self._doomed_directories = []
+
+    # ------------------------------------------------------------------ multipart uploads
+
+    def multipart_started(self, object_key: str, upload_id: str) -> None:
+        """Record a started multipart upload (``store.UploadJournal``), so a crash cannot orphan it."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO multipart_uploads VALUES (?, ?, ?)", (upload_id, object_key, time.time())
+        )
+
+    def multipart_finished(self, upload_id: str) -> None:
+        self._db.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,))
+
+    def unfinished_multiparts(self) -> list[tuple[str, str]]:
+        """(object key, upload id) of multipart uploads started but never completed or aborted."""
+        return [(key, upload_id) for upload_id, key in self._db.execute(
+            "SELECT upload_id, object_key FROM multipart_uploads ORDER BY started"
+        )]
 
     def unlink_entry(self, entry: Entry) -> None:
         """Detach an entry from its name: it serves the file's open handles and is never uploaded.

@@ -34,6 +34,7 @@ from .fs import Operations
 from .keys import KeyRing
 from .metadata import StoredKeyIndex, XattrSealer
 from .store import ObjectStore
+from .uploader import abort_unfinished_uploads
 from .vfs import Filesystem
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,9 @@ async def serve(
         max_size=config.cache.max_size,
     )
     key_index = store.key_index = StoredKeyIndex(cache.directory)
+    store.upload_journal = cache
+    if not config.mount.read_only:
+        await abort_unfinished_uploads(store, cache)
     xattr_sealer = XattrSealer(*(each.derive(b"xattrs-v1") for each in keys.all))
     filesystem = Filesystem(config, store, cache, xattr_sealer)
     filesystem.recover()

@@ -101,6 +101,19 @@ class KeyIndex(Protocol):
     def forget(self, object_key: str) -> None: ...
 
 
+class UploadJournal(Protocol):
+    """Where started multipart uploads are recorded until completed or aborted.
+
+    An upload the daemon could not finish (killed mid-upload) leaves parts on
+    the server that are billed and invisible; the next start aborts what the
+    journal still lists (``uploader.abort_unfinished_uploads``).
+    """
+
+    def multipart_started(self, object_key: str, upload_id: str) -> None: ...
+
+    def multipart_finished(self, upload_id: str) -> None: ...
+
+
 class MemoryKeyIndex:
     """A ``KeyIndex`` that lasts as long as the process."""
 
@@ -125,6 +138,7 @@ class ObjectStore:
         self.bucket = settings.bucket
         self.keys = keys if isinstance(keys, KeyRing) else KeyRing(keys)
         self.key_index: KeyIndex = key_index or MemoryKeyIndex()
+        self.upload_journal: UploadJournal | None = None
         # Objects seen to be under the current key, while previous keys are configured.
         self._under_current_key: set[str] = set()
         self._key = self.keys.current
@@ -491,7 +505,10 @@ class ObjectStore:
             ),
         )
         self._check_echo("CreateMultipartUpload", object_key, response, required=False)
-        return str(response["UploadId"])
+        upload_id = str(response["UploadId"])
+        if self.upload_journal is not None:
+            self.upload_journal.multipart_started(object_key, upload_id)
+        return upload_id
 
     async def upload_part(self, object_key: str, upload_id: str, part_number: int, data: bytes) -> str:
         response = await self._call(
@@ -548,6 +565,8 @@ class ObjectStore:
             ),
         )
         self._stored_under(object_key, self._key)
+        if self.upload_journal is not None:
+            self.upload_journal.multipart_finished(upload_id)
         return str(response.get("ETag", "")).strip('"')
 
     async def abort_multipart(self, object_key: str, upload_id: str) -> None:
@@ -558,6 +577,8 @@ class ObjectStore:
                 self._client.abort_multipart_upload, Bucket=self.bucket, Key=object_key, UploadId=upload_id
             ),
         )
+        if self.upload_journal is not None:
+            self.upload_journal.multipart_finished(upload_id)
 
     async def copy(self, source_key: str, target_key: str, metadata: dict[str, str] | None = None) -> str:
         """Server-side copy from the source's key to the current key; returns the new object's ETag.

@@ -31,7 +31,7 @@ import trio
 from .cache import BLOCK_SIZE, BlockCache, Entry
 from .cachedfile import CachedFile
 from .config import MAX_PART_SIZE, MiB, S3Settings
-from .errors import SsefsError, unwrap_group
+from .errors import NoSuchObject, SsefsError, unwrap_group
 from .metadata import to_metadata
 from .store import ObjectInfo, ObjectStore
 
@@ -113,6 +113,26 @@ async def upload_object(
             except Exception as abort_error:  # noqa: BLE001 - the original error matters more
                 log.warning("could not abort multipart upload of %r: %s", object_key, abort_error)
         raise
+
+
+async def abort_unfinished_uploads(store: ObjectStore, cache: BlockCache) -> None:
+    """Abort the multipart uploads an earlier run started and never finished (it was killed).
+
+    Their parts are invisible but stored (and billed) until aborted. Only
+    uploads this cache recorded are touched, never another client's.
+    """
+    aborted = 0
+    for object_key, upload_id in cache.unfinished_multiparts():
+        try:
+            await store.abort_multipart(object_key, upload_id)
+            aborted += 1
+        except NoSuchObject:  # completed after all, or aborted by a lifecycle rule
+            cache.multipart_finished(upload_id)
+        except SsefsError as error:
+            log.warning("could not abort the unfinished multipart upload of %r (retried next start): %s",
+                        object_key, error)
+    if aborted:
+        log.info("aborted %d multipart upload(s) left unfinished by an earlier run", aborted)
 
 
 async def copy_object(

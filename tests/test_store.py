@@ -158,3 +158,34 @@ async def test_copy_of_an_object_over_the_copyobject_limit_goes_part_by_part(
     assert response["ETag"].strip('"') == etag
     assert store.part_copy_supported is False  # SeaweedFS: the fallback was what copied it
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+async def test_multipart_uploads_left_unfinished_are_aborted_at_the_next_start(
+    endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, key_bytes: bytes, s3: Any, tmp_path: Any,
+) -> None:
+    from ssefs.cache import BlockCache
+    from ssefs.uploader import abort_unfinished_uploads
+
+    cache = BlockCache(tmp_path / "cache", sse_key, identity="test", max_size=1 << 30)
+    store = make_store(endpoint, bucket, sse_key)
+    store.upload_journal = cache
+    # A daemon killed mid-upload: created, one part sent, never completed.
+    orphan = await store.create_multipart("big.bin")
+    await store.upload_part("big.bin", orphan, 1, secrets.token_bytes(5 * 1024 * 1024))
+    # A finished upload leaves nothing in the journal.
+    finished = await store.create_multipart("done.bin")
+    etag = await store.upload_part("done.bin", finished, 1, b"small last part")
+    await store.complete_multipart("done.bin", finished, [etag])
+    # Another client's upload in progress: not ours to abort.
+    foreign = s3.create_multipart_upload(Bucket=bucket, Key="theirs.bin", **sse_params(key_bytes))["UploadId"]
+    assert cache.unfinished_multiparts() == [("big.bin", orphan)]
+    cache.close()
+
+    reopened = BlockCache(tmp_path / "cache", sse_key, identity="test", max_size=1 << 30)
+    store.upload_journal = reopened
+    await abort_unfinished_uploads(store, reopened)
+    left = {(u["Key"], u["UploadId"]) for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
+    assert left == {("theirs.bin", foreign)}
+    assert reopened.unfinished_multiparts() == []
+    await abort_unfinished_uploads(store, reopened)  # nothing left: nothing asked
+    reopened.close()
