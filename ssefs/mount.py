@@ -79,7 +79,10 @@ def state_file(mountpoint: Path) -> Path:
 
 def check_mountpoint(mountpoint: Path) -> None:
     try:
+        # statvfs, not only stat: right after a daemon died, the kernel still answers
+        # stat from the dead mount's cached root attributes, while statfs needs the daemon.
         os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as error:
         if error.errno != errno.ENOTCONN:
             raise StartupCheckError(f"mount point {mountpoint} does not exist or is not a directory") from None

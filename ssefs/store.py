@@ -18,7 +18,9 @@ inodes or FUSE.
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -474,13 +476,20 @@ class ObjectStore:
     # ----------------------------------------------------------------- writes
 
     async def put(self, object_key: str, data: bytes, metadata: dict[str, str] | None = None) -> str:
-        """Upload a whole object in one request; returns its ETag."""
+        """Upload a whole object in one request; returns its ETag.
+
+        The body's MD5 goes along (Content-MD5) so that the server refuses a
+        body cut short: SeaweedFS stores an empty object when a PUT's
+        connection closes after the headers (botocore waits for
+        ``100-continue`` there), which would replace a file by 0 bytes.
+        """
+        content_md5 = base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
         response = await self._call(
             "PutObject",
             object_key,
             functools.partial(
                 self._client.put_object, Bucket=self.bucket, Key=object_key, Body=data,
-                Metadata=metadata or {}, **self._sse,
+                Metadata=metadata or {}, ContentMD5=content_md5, **self._sse,
             ),
         )
         self._check_echo("PutObject", object_key, response)

@@ -248,9 +248,12 @@ class Filesystem:
             return local
         listing = self.inodes.cached_listing(parent.path)
         if listing is None and self._worth_relisting(parent.path):
-            relisted = await self._refresh_listing(parent.path)
+            try:
+                relisted = await self._refresh_listing(parent.path)
+            except ServerUnavailable:
+                relisted = None  # the probe below falls back to the last listing seen
             # A name missing from the new listing is probed below before it is called absent.
-            listing = relisted if name in relisted.entries else None
+            listing = relisted if relisted is not None and name in relisted.entries else None
         if listing is not None:
             listed = listing.entries.get(name)
             if listed is None:
@@ -263,9 +266,13 @@ class Filesystem:
         try:
             found, is_dir = await self.store.probe(self.object_key(path))
         except ServerUnavailable:
-            # During an outage, the last listing seen answers, so work can go on in the cache.
+            # During an outage, the last listing seen answers, so work can go on in the cache;
+            # without one, a node already looked up stands (never a guess that a name is absent).
             last = self.inodes.last_listing(parent.path)
             if last is None:
+                known = self.inodes.by_path(path)
+                if known is not None:
+                    return known
                 raise
             listed = last.entries.get(name)
             if listed is None:
@@ -710,7 +717,9 @@ class Filesystem:
                         await self.cached_file(entry).seal_hot()
                         await self.cache.sync(entry)
                     self.writeback.schedule(entry)
-        if open_file.handles == 0:
+        # Another handle may have been opened and released while this release
+        # waited for the sync above: then that release has done the tear-down.
+        if open_file.handles == 0 and self._open_files.get(node.inode) is open_file:
             del self._open_files[node.inode]
             self.inodes.drop_if_unused(node)
             if open_file.unlinked_entry is not None:
@@ -874,11 +883,13 @@ class Filesystem:
             self.inodes.move(node, target_path)
             await self.writeback.upload(entry)
         else:
+            # The target's cache entry goes first: an upload of its old content that is
+            # in flight must land before the copy, or it would overwrite the renamed data.
+            await self._discard_entry(new_key)
             attributes = self.inodes.attributes_of(node)
             source = ObjectInfo(old_key, node.size, node.etag, node.mtime_ns / 1e9)
             etag = await copy_object(self.store, self.config.s3, source, new_key, to_metadata(attributes))
             await self._discard_entry(old_key)
-            await self._discard_entry(new_key)
             self.metadata.put(new_key, etag, attributes)
             node.etag = etag
             self.inodes.move(node, target_path)
