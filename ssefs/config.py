@@ -10,6 +10,7 @@ from but never reads key bytes: that is ``keys.py``'s job.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 
 MiB = 1024 * 1024
 # S3 refuses multipart parts under 5 MiB (except the last one).
@@ -28,6 +29,8 @@ MIN_PART_SIZE = 5 * MiB
 MAX_PART_SIZE = 5 * 1024 * MiB
 # The cache must hold a few blocks per file being written and uploaded at once.
 MIN_CACHE_SIZE = 64 * MiB
+# A config file is a few hundred bytes; anything near this is a mistake.
+MAX_CONFIG_BYTES = 1024 * 1024
 # A single PUT holds the whole body in memory, so files above this go multipart.
 MAX_SINGLE_PUT = 256 * MiB
 
@@ -50,9 +53,9 @@ def parse_size(value: object, *, what: str) -> int:
         return value
     if not isinstance(value, str):
         raise ConfigError(f"{what}: expected a size such as \"10GiB\", got {value!r}")
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+    match = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*([A-Za-z]*)\s*", value)
     if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ConfigError(f"{what}: cannot read {value!r} as a size (examples: 512MiB, 10GiB, 1TB)")
+        raise ConfigError(f"{what}: cannot read {value[:80]!r} as a size (examples: 512MiB, 10GiB, 1TB)")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
@@ -202,14 +205,31 @@ def default_cache_dir(name: str) -> Path:
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a mount configuration file."""
+    """Read and validate a mount configuration file; every refusal is one ``ConfigError`` line."""
+    try:
+        return _load_config(path)
+    except ConfigError as error:
+        # Names and paths are quoted as given: keep control characters from breaking the line.
+        if not str(error).isprintable():
+            raise ConfigError(one_line(str(error))) from None
+        raise
+
+
+def _load_config(path: str | os.PathLike[str]) -> Config:
     config_path = Path(path).expanduser().absolute()
     try:
-        raw = config_path.read_bytes()
+        # O_NONBLOCK and a size bound: a FIFO or /dev/zero given as config must not hang or exhaust memory.
+        fd = os.open(config_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as config_file:
+            if not stat.S_ISREG(os.fstat(config_file.fileno()).st_mode):
+                raise ConfigError(f"config file {config_path} is not a regular file")
+            raw = config_file.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file {config_path} does not exist") from None
     except OSError as error:
         raise ConfigError(f"cannot read config file {config_path}: {error.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {config_path} is far too large (over 1 MiB)")
     try:
         document = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -231,7 +251,10 @@ def _build(config_path: Path, document: dict[str, Any]) -> Config:
 
     s3 = _Section("s3", document.get("s3", {}))
     endpoint = s3.get("endpoint", str, required=True).rstrip("/")
-    parsed = urlparse(endpoint)
+    try:
+        parsed = urlparse(endpoint)
+    except ValueError:
+        raise ConfigError(f"[s3] endpoint {endpoint[:200]!r} is not a valid URL") from None
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ConfigError(f"[s3] endpoint {endpoint!r} must be an https:// URL")
     allow_http = s3.get("allow_insecure_http", bool, False)
@@ -365,7 +388,7 @@ def _positive(section: _Section, key: str, default: int) -> int:
 
 def _positive_float(section: _Section, key: str, default: float, *, allow_zero: bool = False) -> float:
     value = float(section.get(key, (int, float), default))
-    if value < 0 or (value == 0 and not allow_zero):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"[{section.name}] {key} must be a positive number of seconds")
     return value
 

@@ -85,3 +85,10 @@ def unwrap_group(error: BaseException) -> BaseException:
         else:
             leaves.append(current)
     return next((leaf for leaf in leaves if isinstance(leaf, SsefsError)), leaves[0] if leaves else error)
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped, so that a quoted name or path cannot break the line."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)

@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import os
+import re
 import stat
 import subprocess
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, KeySource
-from .errors import KeyLoadError
+from .errors import KeyLoadError, one_line
 
 KEY_BYTES = 32
 # A key file is tiny; anything much larger is a mistake and is not read whole.
@@ -115,6 +116,8 @@ def _read_protected_file(path: Path, *, origin: str) -> bytes:
         raise KeyLoadError(f"{origin} does not exist") from None
     except PermissionError:
         raise KeyLoadError(f"{origin} is not readable by this user") from None
+    except ValueError:  # a NUL in the path
+        raise KeyLoadError(f"{origin} is not a valid path") from None
     except OSError as error:
         if error.errno == 40:  # ELOOP from O_NOFOLLOW: a symlink; resolve and retry once.
             return _read_protected_file(path.resolve(), origin=origin)
@@ -142,6 +145,15 @@ def _read_protected_file(path: Path, *, origin: str) -> bytes:
 
 def load_key(source: KeySource) -> SseKey:
     """Load the key from the configured source, or raise ``KeyLoadError`` with one clear line."""
+    try:
+        return _load_key(source)
+    except KeyLoadError as error:
+        if not str(error).isprintable():  # a path or name quoted as given
+            raise KeyLoadError(one_line(str(error))) from None
+        raise
+
+
+def _load_key(source: KeySource) -> SseKey:
     if source.file is not None:
         origin = f"key file {source.file}"
         return parse_key_bytes(_read_protected_file(source.file, origin=origin), origin=origin)
@@ -174,14 +186,18 @@ def _run_key_command(command: str, timeout: float) -> SseKey:
         )
     except subprocess.TimeoutExpired:
         raise KeyLoadError(f"{origin} did not finish within {timeout:g} seconds") from None
-    except OSError as error:
-        raise KeyLoadError(f"cannot run {origin}: {error.strerror}") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the command
+        raise KeyLoadError(f"cannot run {origin}: {getattr(error, 'strerror', None) or error}") from None
     if result.returncode != 0:
         # The last line of stderr usually names the problem (locked vault, wrong
         # passphrase); it is shown only if it cannot be the key itself.
         lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
-        printed = result.stdout.strip()
-        hint = lines[-1][:200] if lines and not (printed and printed in result.stderr) else ""
+        # Only printable text, and long base64- or hex-like runs blanked: they could be key material.
+        line = "".join(char for char in lines[-1] if char.isprintable()) if lines else ""
+        hint = re.sub(r"[A-Za-z0-9+/=_-]{20,}", "[...]", line)[:200].strip()
+        printed = result.stdout.decode("utf-8", "replace").strip()
+        if printed and printed in hint:
+            hint = ""
         raise KeyLoadError(f"{origin} failed with exit code {result.returncode}" + (f": {hint}" if hint else ""))
     if len(result.stdout) > MAX_KEY_FILE_BYTES:
         raise KeyLoadError(f"{origin} printed far too much to be a key")

@@ -874,12 +874,19 @@ class Filesystem:
             return
         old_key, new_key = self.object_key(node.path), self.object_key(target_path)
         entry = self.cache.entry(old_key)
+        renamed_in_cache = False
         if entry is not None and entry.dirty:
             # Upload under the new name (unchanged ranges still come from the old
             # object), then delete the old one: at no point is the data only in flight.
             await self._discard_entry(new_key)
             async with entry.lock:
-                self.cache.rename_entry(entry, new_key)
+                # An upload under the old name may have run while we waited for the
+                # lock: then the data is in S3 there, and a copy moves it.
+                if entry.dirty and self.cache.is_live(entry):
+                    self.cache.rename_entry(entry, new_key)
+                    renamed_in_cache = True
+        if renamed_in_cache:
+            assert entry is not None
             self.inodes.move(node, target_path)
             await self.writeback.upload(entry)
         else:
