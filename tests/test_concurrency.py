@@ -160,11 +160,10 @@ def test_processes_write_read_and_list_in_parallel_many(
     endpoint: SeaweedEndpoint, bucket: str, key_file: Path, key_bytes: bytes, s3: Any, tmp_path: Path,
     mount_ssefs: MountFactory,
 ) -> None:
-    # Not writeback_delay 0: a rename right after close() then often meets the file's upload in flight,
-    # and loses the file (tests/test_model.py::test_rename_of_a_file_being_uploaded, an open bug; this
-    # test lost a file, w2/f3, once in six runs at writeback_delay 0, which is that bug's symptom).
+    # writeback_delay 0: a rename right after close() meets the file's upload in flight. Before the fix
+    # of tests/test_model.py::test_rename_of_a_file_being_uploaded this lost a file (w2/f3) once in six runs.
     run_file_workers(endpoint, bucket, key_file, key_bytes, s3, tmp_path, mount_ssefs,
-                     workers=8, files=60, big_every=5, delay=0.3, label="files-slow")
+                     workers=8, files=60, big_every=5, delay=0.0, label="files-slow")
 
 
 # ---------------------------------------------------------------------- readers racing an appending writer
