@@ -467,10 +467,10 @@ class BlockCache:
     def multipart_finished(self, upload_id: str) -> None:
         self._db.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,))
 
-    def unfinished_multiparts(self) -> list[tuple[str, str]]:
-        """(object key, upload id) of multipart uploads started but never completed or aborted."""
-        return [(key, upload_id) for upload_id, key in self._db.execute(
-            "SELECT upload_id, object_key FROM multipart_uploads ORDER BY started"
+    def unfinished_multiparts(self) -> list[tuple[str, str, float]]:
+        """(object key, upload id, time started) of multipart uploads started but never completed or aborted."""
+        return [(key, upload_id, started) for upload_id, key, started in self._db.execute(
+            "SELECT upload_id, object_key, started FROM multipart_uploads ORDER BY started"
         )]
 
     def unlink_entry(self, entry: Entry) -> None:

@@ -21,7 +21,7 @@ from dataclasses import asdict
 
 import trio
 
-from .errors import NoSuchObject, SsefsError
+from .errors import NoSuchObject, ServerUnavailable, SsefsError
 from .metadata import FileAttributes
 from .store import ObjectStore
 
@@ -41,14 +41,19 @@ def encode(directories: DirectoryMap) -> bytes:
 
 
 def decode(data: bytes) -> DirectoryMap:
-    """The map in ``data``; entries that do not parse are left out (an unreadable object reads as empty)."""
+    """The map in ``data``; entries that do not parse are left out.
+
+    Raises ``ValueError`` when ``data`` is not such a map at all (another tool wrote the object).
+    """
     try:
         body = json.loads(data)
-        entries = body.get("directories", {}) if isinstance(body, dict) else {}
     except (ValueError, UnicodeDecodeError):
-        return {}
+        raise ValueError("not valid JSON") from None
+    entries = body.get("directories") if isinstance(body, dict) else None
+    if not isinstance(entries, dict):
+        raise ValueError("not a map of directory attributes")
     directories: DirectoryMap = {}
-    for name, fields in entries.items() if isinstance(entries, dict) else ():
+    for name, fields in entries.items():
         try:
             directories[str(name)] = FileAttributes(
                 mode=_int_or_none(fields.get("mode")), uid=_int_or_none(fields.get("uid")),
@@ -75,6 +80,9 @@ class DirectoryAttributes:
         self._store = store
         # Per directory prefix: the ETag of the object last read or written, and its map.
         self._known: dict[str, tuple[str, DirectoryMap]] = {}
+        # Per directory prefix: the ETag of an object that could not be read or parsed, so that
+        # it is reported once rather than at every listing (it is fetched again once it changes).
+        self._unreadable: dict[str, str] = {}
         self._locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
 
     async def load(self, prefix: str, etag: str | None) -> DirectoryMap:
@@ -85,11 +93,22 @@ class DirectoryAttributes:
         known = self._known.get(prefix)
         if known is not None and known[0] == etag:
             return known[1]
+        if self._unreadable.get(prefix) == etag:
+            return {}
         try:
             directories = decode(await self._store.get_range(prefix + SIDECAR_NAME, 0, MAX_SIDECAR_BYTES))
-        except SsefsError as error:
-            log.warning("directory attributes in %r cannot be read: %s", prefix + SIDECAR_NAME, error)
+        except ServerUnavailable as error:
+            # Not remembered: the next listing tries again.
+            log.warning("directory attributes in %r cannot be read now: %s", prefix + SIDECAR_NAME, error)
             return {}
+        except (SsefsError, ValueError) as error:
+            log.warning(
+                "directory attributes in %r cannot be read (subdirectories show the mount's defaults): %s",
+                prefix + SIDECAR_NAME, error,
+            )
+            self._unreadable[prefix] = etag
+            return {}
+        self._unreadable.pop(prefix, None)
         self._known[prefix] = (etag, directories)
         return directories
 
@@ -100,6 +119,9 @@ class DirectoryAttributes:
             try:
                 directories = decode(await self._store.get_range(key, 0, MAX_SIDECAR_BYTES))
             except NoSuchObject:
+                directories = {}
+            except ValueError as error:
+                log.warning("directory attributes in %r were unreadable (%s) and are replaced", key, error)
                 directories = {}
             if attributes is None:
                 if name not in directories:

@@ -97,6 +97,9 @@ class InodeTable:
         self._by_path: dict[str, Node] = {}
         self._next_inode = ROOT_INODE + 1
         self._listings: dict[str, CachedListing] = {}
+        # Per directory whose listing is being fetched: the changes made through this mount
+        # since the LIST went out, which win over what it returns (it may predate them).
+        self._changes_during_fetch: dict[str, dict[str, DirectoryEntry | None]] = {}
         root = Node(ROOT_INODE, "", is_dir=True, mtime_ns=time.time_ns(), lookups=1, checked_at=float("inf"))
         self._by_inode[ROOT_INODE] = root
         self._by_path[""] = root
@@ -230,7 +233,20 @@ class InodeTable:
             return None
         return listing
 
+    def begin_fetch(self, path: str) -> None:
+        """A LIST of ``path`` is going out: remember changes noted from now until it is stored."""
+        self._changes_during_fetch[path] = {}
+
+    def end_fetch(self, path: str) -> None:
+        """The fetch ended without a listing to store (it failed)."""
+        self._changes_during_fetch.pop(path, None)
+
     def store_listing(self, path: str, entries: dict[str, DirectoryEntry]) -> None:
+        for name, entry in self._changes_during_fetch.pop(path, {}).items():
+            if entry is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = entry
         self._listings[path] = CachedListing(entries)
 
     def last_listing(self, path: str) -> CachedListing | None:
@@ -240,6 +256,9 @@ class InodeTable:
     def note_child(self, parent: str, name: str, entry: DirectoryEntry | None) -> None:
         """A change made through this mount: update exactly that name in the parent's cached
         listing (``None`` removes it), leaving the rest of the listing as fresh as it was."""
+        changes = self._changes_during_fetch.get(parent)
+        if changes is not None:
+            changes[name] = entry
         listing = self._listings.get(parent)
         if listing is None:
             return

@@ -22,6 +22,8 @@ import base64
 import functools
 import hashlib
 import logging
+import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -51,6 +53,13 @@ T = TypeVar("T")
 
 # S3 returns at most 1000 keys per ListObjectsV2 page.
 LIST_PAGE = 1000
+
+# A CreateMultipartUpload whose answer was lost may have created an upload anyway (botocore then
+# sends it again). Until the request has an answer, the journal holds a row with this prefix instead
+# of an upload id; uploads of the same key initiated within this many seconds of the request (clock
+# skew, retries) are taken for its strays and aborted.
+PENDING_CREATE_PREFIX = "pending-create:"
+STRAY_UPLOAD_WINDOW_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -505,19 +514,73 @@ class ObjectStore:
         )
 
     async def create_multipart(self, object_key: str, metadata: dict[str, str] | None = None) -> str:
-        response = await self._call(
-            "CreateMultipartUpload",
-            object_key,
-            functools.partial(
-                self._client.create_multipart_upload, Bucket=self.bucket, Key=object_key,
-                Metadata=metadata or {}, **self._sse,
-            ),
-        )
+        """Start a multipart upload, journaled from before the request so a lost answer orphans nothing."""
+        journal = self.upload_journal
+        started = time.time()
+        pending = PENDING_CREATE_PREFIX + secrets.token_hex(8)
+        if journal is not None:
+            journal.multipart_started(object_key, pending)
+        try:
+            response = await self._call(
+                "CreateMultipartUpload",
+                object_key,
+                functools.partial(
+                    self._client.create_multipart_upload, Bucket=self.bucket, Key=object_key,
+                    Metadata=metadata or {}, **self._sse,
+                ),
+            )
+        except SsefsError:
+            # Attempts that reached the server may each have created an upload.
+            swept = False
+            with trio.move_on_after(30):
+                swept = await self.abort_stray_uploads(object_key, started, time.time(), keep=None)
+            if swept and journal is not None:
+                journal.multipart_finished(pending)
+            raise
         self._check_echo("CreateMultipartUpload", object_key, response, required=False)
         upload_id = str(response["UploadId"])
-        if self.upload_journal is not None:
-            self.upload_journal.multipart_started(object_key, upload_id)
+        if journal is not None:
+            journal.multipart_started(object_key, upload_id)
+        # Sent more than once: an earlier attempt may have created an upload whose answer was lost.
+        retried = response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
+        swept = not retried or await self.abort_stray_uploads(object_key, started, time.time(), keep=upload_id)
+        if swept and journal is not None:
+            journal.multipart_finished(pending)
         return upload_id
+
+    async def abort_stray_uploads(self, object_key: str, sent: float, answered: float, *, keep: str | None) -> bool:
+        """Abort the multipart uploads of exactly ``object_key`` initiated between ``sent`` and
+        ``answered`` (give or take ``STRAY_UPLOAD_WINDOW_SECONDS``), except ``keep``: the strays of
+        a CreateMultipartUpload sent more than once. False if that could not be done (logged; the
+        journal keeps the request, so the next start tries again)."""
+
+        def fetch() -> list[tuple[str, str, float]]:
+            paginator = self._client.get_paginator("list_multipart_uploads")
+            return [
+                (str(upload["Key"]), str(upload["UploadId"]), upload["Initiated"].timestamp())
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=object_key)
+                for upload in page.get("Uploads", ())
+            ]
+
+        aborted = 0
+        try:
+            uploads = await self._call("ListMultipartUploads", object_key, fetch)
+            for key, upload_id, initiated in uploads:
+                window = (sent - STRAY_UPLOAD_WINDOW_SECONDS, answered + STRAY_UPLOAD_WINDOW_SECONDS)
+                if key != object_key or upload_id == keep or not window[0] <= initiated <= window[1]:
+                    continue
+                try:
+                    await self.abort_multipart(key, upload_id)
+                except NoSuchObject:
+                    pass
+                aborted += 1
+        except SsefsError as error:
+            log.warning("could not look for stray multipart uploads of %r (tried again at the next start): %s",
+                        object_key, error)
+            return False
+        if aborted:
+            log.info("aborted %d stray multipart upload(s) of %r left by a retried request", aborted, object_key)
+        return True
 
     async def upload_part(self, object_key: str, upload_id: str, part_number: int, data: bytes) -> str:
         response = await self._call(

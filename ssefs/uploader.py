@@ -33,7 +33,7 @@ from .cachedfile import CachedFile
 from .config import MAX_PART_SIZE, MiB, S3Settings
 from .errors import NoSuchObject, SsefsError, unwrap_group
 from .metadata import to_metadata
-from .store import ObjectInfo, ObjectStore
+from .store import PENDING_CREATE_PREFIX, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,12 @@ async def abort_unfinished_uploads(store: ObjectStore, cache: BlockCache) -> Non
     uploads this cache recorded are touched, never another client's.
     """
     aborted = 0
-    for object_key, upload_id in cache.unfinished_multiparts():
+    for object_key, upload_id, started in cache.unfinished_multiparts():
+        if upload_id.startswith(PENDING_CREATE_PREFIX):
+            # Killed while a CreateMultipartUpload had no answer: whatever it created is a stray.
+            if await store.abort_stray_uploads(object_key, started, started, keep=None):
+                cache.multipart_finished(upload_id)
+            continue
         try:
             await store.abort_multipart(object_key, upload_id)
             aborted += 1

@@ -33,7 +33,7 @@ from .cache import BLOCK_SIZE, BlockCache, Entry
 from .cachedfile import CachedFile, PlaintextBlocks
 from .config import MAX_PART_SIZE, Config
 from .dirattrs import SIDECAR_NAME, DirectoryAttributes
-from .errors import NoSuchObject, ServerUnavailable, SsefsError, unwrap_group
+from .errors import NoSuchObject, NotEncrypted, ServerUnavailable, SsefsError, WrongKey, unwrap_group
 from .inodes import ROOT_INODE, CachedListing, DirectoryEntry, InodeTable, Node, child_path
 from .metadata import (
     USER_METADATA_LIMIT,
@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 # Directories with at most this many entries (one LIST page) are listed again
 # to answer lookups once their cached listing has expired.
 RELIST_LIMIT = 1000
+
+# A bound on the memory spent remembering objects whose attributes cannot be read.
+MAX_UNREADABLE_REMEMBERED = 100_000
 
 # POSIX NAME_MAX; S3 keys are at most 1024 bytes.
 NAME_MAX = 255
@@ -109,6 +112,10 @@ class Filesystem:
         self._handles: dict[int, Handle] = {}
         self._next_fh = count(1)
         self.started_at = time.time()
+        # Objects whose attributes a HEAD could not read (under another key, or without SSE-C), by
+        # key, with the ETag seen: listings show them with the mount's defaults and do not ask again
+        # until the object changes. In memory only: a key added to the config is tried at the next mount.
+        self._attributes_unreadable: dict[str, str] = {}
         # Directory listings being fetched, so that concurrent lookups share one LIST.
         self._listing_fetches: dict[str, trio.Event] = {}
         # Where background work (read-ahead) runs; set by the mount while it serves.
@@ -376,9 +383,11 @@ class Filesystem:
             if listing is not None:
                 return listing
         done = self._listing_fetches[path] = trio.Event()
+        self.inodes.begin_fetch(path)
         try:
             self.inodes.store_listing(path, await self._fetch_listing(path))
         finally:
+            self.inodes.end_fetch(path)
             del self._listing_fetches[path]
             done.set()
         listing = self.inodes.last_listing(path)
@@ -415,7 +424,7 @@ class Filesystem:
             known = self.metadata.get(prefix + listed.name, listed.etag, listed.mtime_ns / 1e9)
             if known is not None:
                 listed.attributes = known
-            else:
+            elif self._attributes_unreadable.get(prefix + listed.name) != listed.etag:
                 missing.append(listed)
         if not missing:
             return
@@ -424,8 +433,14 @@ class Filesystem:
         async def head(listed: DirectoryEntry) -> None:
             try:
                 info = await self.store.head(prefix + listed.name)
+            except (WrongKey, NotEncrypted) as error:
+                # It lists with the mount's defaults; reading it reports the problem (once, in fs.py).
+                log.debug("no attributes for %r: %s", prefix + listed.name, error)
+                if len(self._attributes_unreadable) >= MAX_UNREADABLE_REMEMBERED:
+                    self._attributes_unreadable.clear()
+                self._attributes_unreadable[prefix + listed.name] = listed.etag
+                return
             except SsefsError as error:
-                # E.g. an object under another key: it lists with the mount's defaults.
                 log.debug("no attributes for %r: %s", prefix + listed.name, error)
                 return
             listed.attributes = from_metadata(info.metadata)
@@ -607,7 +622,8 @@ class Filesystem:
         try:
             return node, self.xattr_sealer.open(node.xattrs)
         except ValueError as error:
-            raise FsError(errno.EIO, f"{node.path!r}: {error}") from None
+            # Not an FsError: a damaged object is a problem worth a warning (fs.py logs it once a minute).
+            raise SsefsError(f"{node.path!r}: {error}", errno_value=errno.EIO) from None
 
     async def getxattr(self, inode: int, name: bytes) -> bytes:
         if not name.startswith(b"user."):
@@ -929,8 +945,11 @@ class Filesystem:
         copied: list[tuple[str, str, str, FileAttributes]] = []
         limiter = trio.CapacityLimiter(max(1, self.config.s3.max_connections // 2))
 
+        def new_key_of(old_key: str) -> str:
+            return new_prefix + old_key[len(old_prefix):]
+
         async def copy_one(info: ObjectInfo) -> None:
-            new_key = new_prefix + info.key[len(old_prefix):]
+            new_key = new_key_of(info.key)
             async with limiter:
                 if info.key.endswith("/"):
                     await self.store.put_directory_marker(new_key)
@@ -942,38 +961,58 @@ class Filesystem:
                 etag = await copy_object(self.store, self.config.s3, info, new_key, to_metadata(attributes))
                 copied.append((info.key, new_key, etag, attributes))
 
-        try:
-            async with trio.open_nursery() as nursery:
-                for info in objects:
-                    if info.key not in dirty:
+        async def copy_all(infos: list[ObjectInfo]) -> None:
+            try:
+                async with trio.open_nursery() as nursery:
+                    for info in infos:
                         nursery.start_soon(copy_one, info)
-        except BaseExceptionGroup as group:
-            raise unwrap_group(group) from None
+            except BaseExceptionGroup as group:
+                raise unwrap_group(group) from None
+
+        await copy_all([info for info in objects if info.key not in dirty])
         if not any(info.key == old_prefix for info in objects):
             await self.store.put_directory_marker(new_prefix)  # the directory itself, even if empty
-        # Cache entries follow their objects: clean ones now point at the copies,
-        # dirty ones upload under the new name (reading unchanged ranges from the old keys).
+        # Dirty files upload under their new names (reading unchanged ranges from the old keys).
+        # Whether a file is dirty is decided again under its lock: an upload in flight holds it,
+        # and a file it made clean is in S3 under its old name, to be copied like the others.
+        to_upload: list[Entry] = []
+        uploaded_meanwhile: list[ObjectInfo] = []
+        for old_key, entry in dirty.items():
+            await self._discard_entry(new_key_of(old_key))
+            async with entry.lock:
+                if entry.dirty and self.cache.is_live(entry) and entry.object_key == old_key:
+                    self.cache.rename_entry(entry, new_key_of(old_key))
+                    to_upload.append(entry)
+                    continue
+            if self.cache.is_live(entry) and entry.object_key == old_key:
+                uploaded_meanwhile.append(await self.store.head(old_key))
+        await copy_all(uploaded_meanwhile)
+        objects += uploaded_meanwhile
+        # Clean cache entries follow their objects to the copies; one written to since the
+        # listing is dirty now and uploads under its new name like those above.
         for old_key, new_key, etag, attributes in copied:
             if etag:
                 self.metadata.put(new_key, etag, attributes)
-            entry = self.cache.entry(old_key)
-            if entry is not None and not entry.dirty:
-                async with entry.lock:
-                    await self._discard_entry(new_key)
-                    self.cache.rename_entry(entry, new_key)
-                    entry.base_key, entry.base_etag = new_key, etag
-                    self.cache.save(entry)
-        for old_key, entry in dirty.items():
-            await self._discard_entry(new_prefix + old_key[len(old_prefix):])
-            async with entry.lock:
-                self.cache.rename_entry(entry, new_prefix + old_key[len(old_prefix):])
+            following = self.cache.entry(old_key)
+            if following is None:
+                continue
+            await self._discard_entry(new_key)
+            async with following.lock:
+                if not self.cache.is_live(following) or following.object_key != old_key:
+                    continue
+                self.cache.rename_entry(following, new_key)
+                if following.dirty:
+                    to_upload.append(following)
+                else:
+                    following.base_key, following.base_etag = new_key, etag
+                    self.cache.save(following)
         attributes = self.inodes.attributes_of(node)
         old_parent, old_name = node.parent_path, node.name
         self.inodes.move_tree(node, target_path)
         if attributes.mode is not None or attributes.uid is not None or attributes.xattrs:
             await self.directory_attributes.set(self.directory_prefix(node.parent_path), node.name, attributes)
         await self.directory_attributes.set(self.directory_prefix(old_parent), old_name, None)
-        for entry in dirty.values():
+        for entry in to_upload:
             await self.writeback.upload(entry)
         # Everything is under the new name: now the old keys may go.
         async def delete_one(key: str) -> None:

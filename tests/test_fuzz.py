@@ -695,27 +695,41 @@ def test_unreadable_objects_are_logged_once(
 
 
 @pytest.mark.fuse
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: ssefs/dirattrs.py DirectoryAttributes.load() logs a warning each time it fails to read a "
-    "directory's .ssefs-dirs (e.g. stored without SSE-C) and remembers nothing, so every listing of the "
-    "directory after attr_timeout GETs it again and logs the same warning again"))
+def test_objects_whose_attributes_cannot_be_read_are_asked_once(
+    odd_bucket: dict[str, Any], endpoint: SeaweedEndpoint, bucket: str, key_file: Path, tmp_path: Path,
+    mount_ssefs: MountFactory,
+) -> None:
+    """A listing HEADs an object under another key (or without SSE-C) once, not at every listing."""
+    mount = mount_ssefs(
+        write_config(tmp_path, endpoint, bucket, key_file, mount_extra="skip_key_check = true"),
+        None, "--log-level", "debug",
+    )
+    for _round in range(3):
+        subprocess.run(["ls", "-l", str(mount.mountpoint / "bad")], capture_output=True, timeout=120, check=True)
+        time.sleep(1.5)  # past attr_timeout: the next round lists again
+    log = mount.log()
+    for name in ("bad/foreign.bin", "bad/plain.bin"):
+        asked = [line for line in lines_naming(log, name) if "no attributes for" in line]
+        assert len(asked) == 1, "\n".join(asked)
+    assert mount.stop() == 0
+
+
+@pytest.mark.fuse
 def test_unreadable_directory_attributes_are_logged_once(
     odd_bucket: dict[str, Any], endpoint: SeaweedEndpoint, bucket: str, key_file: Path, tmp_path: Path,
     mount_ssefs: MountFactory,
 ) -> None:
     mount = mount_ssefs(write_config(tmp_path, endpoint, bucket, key_file, mount_extra="skip_key_check = true"))
     for _round in range(3):
-        assert os.listdir(mount.mountpoint / "plainattrs") == ["d"]
+        assert os.listdir(mount.mountpoint / "plainattrs") == ["d"]  # stored without SSE-C
+        assert os.listdir(mount.mountpoint / "attrs") == ["d"]  # not JSON
         time.sleep(1.5)
     log = mount.log()
-    assert len(lines_naming(log, "plainattrs/.ssefs-dirs")) == 1, log
+    assert len(lines_naming(log, "'plainattrs/.ssefs-dirs'")) == 1, log
+    assert len(lines_naming(log, "'attrs/.ssefs-dirs'")) == 1, log
 
 
 @pytest.mark.fuse
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: an object whose sealed extended attributes do not open gives EIO to listxattr/getxattr with "
-    "nothing in the log: ssefs/vfs.py _xattrs() raises FsError(EIO), and ssefs/fs.py _ErrorLog.report() "
-    "logs every FsError at debug level only, as if it were an ordinary answer such as ENOENT"))
 def test_unopenable_extended_attributes_are_logged(
     odd_bucket: dict[str, Any], endpoint: SeaweedEndpoint, bucket: str, key_file: Path, tmp_path: Path,
     mount_ssefs: MountFactory,

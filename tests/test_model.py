@@ -13,9 +13,8 @@ Each hypothesis example gets a fresh bucket, cache and mount. The default run is
 ``SSEFS_MODEL_SHRINK=1`` is set; a failure reports the unshrunk step sequence, which
 ``Harness`` methods of the same names replay (see the regression tests at the end).
 
-Bugs found are pinned by ``xfail(strict=True)`` tests at the end. While one is open, the random runs
-step around it (``Harness.avoid_known_bugs``: each place names its test), so that they keep finding
-other ones; once it is fixed, its test XPASSes (and fails): then drop the marker and the workaround.
+Each bug found becomes a regression test at the end, replaying the steps that found it (while a bug
+is open, its test is marked ``xfail(strict=True)`` and the random runs step around it).
 """
 
 from __future__ import annotations
@@ -186,8 +185,6 @@ class Figures:
     remounts: int = 0
     crashes: int = 0
     empty_cache_remounts: int = 0
-    # Comparisons that matched only when made again after attr_timeout (a known bug, see compare()).
-    stale_views_retried: int = 0
     started: float = field(default_factory=time.monotonic)
     # Per step name: how many succeeded on both sides, how many failed on both sides with the same errno.
     outcomes: Counter[str] = field(default_factory=Counter)
@@ -196,7 +193,7 @@ class Figures:
         return (
             f"FIGURES {name} model_examples={self.examples} steps={self.steps} ops_checked={self.ops_checked} "
             f"errno_matches={self.failing_ops_matched} remounts={self.remounts} crashes={self.crashes} "
-            f"empty_cache_remounts={self.empty_cache_remounts} stale_views_retried={self.stale_views_retried} "
+            f"empty_cache_remounts={self.empty_cache_remounts} "
             f"seconds={time.monotonic() - self.started:.1f}\n"
             f"FIGURES {name}-outcomes " + " ".join(f"{key}={value}" for key, value in sorted(self.outcomes.items()))
         )
@@ -224,8 +221,6 @@ class Harness:
         self.logs: list[Path] = []
         self.caches = 0
         self.failed = self.closed = False
-        # Step around the bugs pinned by the xfail tests below, so random runs find other ones.
-        self.avoid_known_bugs = True
         self.remounts = self.crashes = self.empty_cache_remounts = 0
         self.config = self._new_config()
         self.mount: Mount | None = self._start()
@@ -274,12 +269,6 @@ class Harness:
             self.closed = True
             shutil.rmtree(self.directory, ignore_errors=True)
 
-    @property
-    def uploads_may_run(self) -> bool:
-        """Whether background uploads may be in flight: a short writeback_delay, or the uploads a mount
-        starts at once for what a killed daemon left dirty."""
-        return self.writeback_delay < 600 or self.crashes > 0
-
     # -------------------------------------------------------------- comparing
 
     def _check(self, condition: bool, message: str) -> None:
@@ -313,13 +302,6 @@ class Harness:
 
     def compare(self, step: str) -> None:
         expected, got = snapshot(self.local), self._mounted_snapshot(step)
-        if expected != got and self.avoid_known_bugs and self.uploads_may_run:
-            # test_listing_in_flight_during_an_upload_shows_stale_size: a listing fetched while an upload
-            # finished shows the old object until it expires (attr_timeout, 1 s here). Look again after that.
-            time.sleep(1.5)
-            got = self._mounted_snapshot(step)
-            if expected == got:
-                self.figures.stale_views_retried += 1
         if expected == got:
             return
         problems = []
@@ -391,10 +373,6 @@ class Harness:
 
     def rename(self, source: str, target: str, noreplace: bool = False) -> None:
         call = renameat2(RENAME_NOREPLACE) if noreplace else os.rename
-        if self.avoid_known_bugs and self.uploads_may_run and (self.local / source).is_dir():
-            # Uploads of files in a directory being renamed may be in flight
-            # (test_rename_of_a_directory_while_a_file_in_it_is_uploaded): let them finish first.
-            self._sync_mounted_tree(source)
         self._both(f"h.rename({source!r}, {target!r}, noreplace={noreplace})",
                    lambda root: call(root / source, root / target))
 
@@ -450,19 +428,6 @@ class Harness:
                 os.close(fd)
 
         self._both(f"h.unlink_while_open({path!r}, {data!r})", operation)
-
-    def _sync_mounted_tree(self, path: str) -> None:
-        """fsync the files at or under ``path`` on the mount only (the model's state does not change)."""
-        if (self.local / path).is_dir():
-            files = [path + "/" + name for name, item in snapshot(self.local / path).items() if item.kind == "file"]
-        else:
-            files = [path] if (self.local / path).is_file() else []
-        for name in files:
-            fd = os.open(self.mnt / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
     def rename_while_open(self, source: str, target: str, data: Data) -> None:
         """Write, rename while still open for writing, write more, close: the target has it all."""
@@ -781,7 +746,6 @@ def test_rename_over_a_file_being_uploaded(harness: Callable[..., Harness]) -> N
     regression test.
     """
     h = harness(writeback_delay=0.0)
-    h.avoid_known_bugs = False
     h.write("c", 0, Data(100, 1))
     h.fsync("c")  # c is clean: the rename is a server-side copy
     h.write("a", 0, Data(8 * BLOCK, 2))  # its upload starts at once and takes a while
@@ -799,7 +763,6 @@ def test_rename_of_a_file_being_uploaded(harness: Callable[..., Harness]) -> Non
     key was deleted. Fixed; kept as a regression test (an editor's write-temp-then-rename).
     """
     h = harness(writeback_delay=0.0)
-    h.avoid_known_bugs = False
     h.write("a", 0, Data(8 * BLOCK, 3))  # its upload starts at once and takes a while
     h.rename("a", "c")
     time.sleep(2.5)
@@ -807,15 +770,8 @@ def test_rename_of_a_file_being_uploaded(harness: Callable[..., Harness]) -> Non
     h.remount_empty_cache()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: ssefs/vfs.py Filesystem._rename_directory() lists the tree and collects the dirty entries "
-    "before taking their locks; a file whose background upload is in flight is uploaded under its OLD "
-    "key meanwhile (not in the listing, so never copied nor deleted), is clean by the time its entry is "
-    "renamed, and writeback.upload() uploads nothing: right after `mv d e`, the mount shows d/a and "
-    "no e/a, and S3 holds d/a only"))
 def test_rename_of_a_directory_while_a_file_in_it_is_uploaded(harness: Callable[..., Harness]) -> None:
     h = harness(writeback_delay=0.0)
-    h.avoid_known_bugs = False
     h.mkdir("d")
     h.write("d/a", 0, Data(8 * BLOCK, 4))
     h.rename("d", "e")
@@ -824,18 +780,13 @@ def test_rename_of_a_directory_while_a_file_in_it_is_uploaded(harness: Callable[
     h.remount_empty_cache()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: ssefs/vfs.py Filesystem.list_directory() applies the entries of a listing (self._apply) after "
-    "awaiting the LIST and the HEADs of _fill_attributes; an upload that finished meanwhile made the cache "
-    "entry clean, so _apply takes the stale listed size and ETag, drops the entry, and until the listing "
-    "expires (attr_timeout) stat shows the old object's size and read returns the new data padded with "
-    "zeros to that size"))
 def test_listing_in_flight_during_an_upload_shows_stale_size(harness: Callable[..., Harness]) -> None:
     """Found by the model (a crash, then the recovery upload raced the first listing); made repeatable here.
 
-    The listing is made slow with 1,000 objects stored without SSE-C: the mount cannot learn their
-    attributes, so every listing sends one HEAD for each (about 2 s here). The file's upload (an fsync)
-    finishes while that listing is in flight.
+    Each listing is made slow with 1,000 new objects stored without SSE-C: the mount cannot learn
+    their attributes, so the listing sends one HEAD for each (about 2 s here). The file's upload (an
+    fsync) finishes while that listing is in flight. Fixed (changes made while a LIST is in flight win
+    over what it returns); kept as a regression test.
     """
     h = harness(writeback_delay=600.0)
     path = h.mnt / "b"
@@ -850,10 +801,14 @@ def test_listing_in_flight_during_an_upload_shows_stale_size(harness: Callable[.
         aws_access_key_id=h.env.endpoint.access_key_id, aws_secret_access_key=h.env.endpoint.secret_access_key,
         verify=str(h.env.endpoint.ca_bundle), config=botocore.config.Config(max_pool_connections=32),
     )
-    with ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda index: client.put_object(Bucket=h.bucket, Key=f"z{index:05d}", Body=b""), range(1000)))
     seen: list[tuple[float, int, bytes]] = []
-    for pause in [0.02, 0.05, 0.08, 0.11, 0.15, 0.2, 0.3, 0.4]:
+    for round_number, pause in enumerate([0.02, 0.05, 0.08, 0.11, 0.15, 0.2, 0.3, 0.4]):
+        # New objects each round: the mount remembers which ones it could not read.
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(
+                lambda key: client.put_object(Bucket=h.bucket, Key=key, Body=b""),
+                [f"z{round_number}-{index:04d}" for index in range(1000)],
+            ))
         path.write_bytes(b"x" * 1024)  # 1 KiB, not uploaded yet
         time.sleep(1.5)  # the cached listing of the root expires
         lister = threading.Thread(target=os.listdir, args=(h.mnt,))

@@ -178,7 +178,7 @@ async def test_multipart_uploads_left_unfinished_are_aborted_at_the_next_start(
     await store.complete_multipart("done.bin", finished, [etag])
     # Another client's upload in progress: not ours to abort.
     foreign = s3.create_multipart_upload(Bucket=bucket, Key="theirs.bin", **sse_params(key_bytes))["UploadId"]
-    assert cache.unfinished_multiparts() == [("big.bin", orphan)]
+    assert [(key, upload_id) for key, upload_id, _started in cache.unfinished_multiparts()] == [("big.bin", orphan)]
     cache.close()
 
     reopened = BlockCache(tmp_path / "cache", sse_key, identity="test", max_size=1 << 30)
@@ -189,3 +189,26 @@ async def test_multipart_uploads_left_unfinished_are_aborted_at_the_next_start(
     assert reopened.unfinished_multiparts() == []
     await abort_unfinished_uploads(store, reopened)  # nothing left: nothing asked
     reopened.close()
+
+
+async def test_a_create_request_left_without_answer_has_its_uploads_aborted_at_the_next_start(
+    endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, key_bytes: bytes, s3: Any, tmp_path: Any,
+) -> None:
+    """Killed while CreateMultipartUpload had no answer: the server may have created the upload, whose id
+    the journal never learnt. The next start aborts the uploads of exactly that key from that time."""
+    from ssefs.cache import BlockCache
+    from ssefs.store import PENDING_CREATE_PREFIX
+    from ssefs.uploader import abort_unfinished_uploads
+
+    cache = BlockCache(tmp_path / "cache", sse_key, identity="test", max_size=1 << 30)
+    cache.multipart_started("lost.bin", PENDING_CREATE_PREFIX + "1")  # what create_multipart writes first
+    created = s3.create_multipart_upload(Bucket=bucket, Key="lost.bin", **sse_params(key_bytes))["UploadId"]
+    neighbour = s3.create_multipart_upload(Bucket=bucket, Key="lost.bin.2", **sse_params(key_bytes))["UploadId"]
+    store = make_store(endpoint, bucket, sse_key)
+    store.upload_journal = cache
+    await abort_unfinished_uploads(store, cache)
+    left = {(u["Key"], u["UploadId"]) for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
+    assert left == {("lost.bin.2", neighbour)}
+    assert created not in {upload_id for _key, upload_id in left}
+    assert cache.unfinished_multiparts() == []
+    cache.close()
