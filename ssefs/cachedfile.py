@@ -3,19 +3,27 @@
 ``CachedFile`` turns offsets into blocks: a block comes from the one "hot"
 block kept in memory while a file is being written (so sequential writes seal
 each block once, not once per ``write()``), else from the cache, else, inside
-``base_valid``, from the S3 object the entry is based on (one ranged GET, stored
-as a clean block), else it is zeros. A partial write into a block not yet cached
-fetches just that block; a write covering a whole block fetches nothing.
+``base_valid``, from the S3 object the entry is based on (one ranged GET), else
+it is zeros. A partial write into a block not yet cached fetches just that
+block; a write covering a whole block fetches nothing.
+
+Which fetched blocks go to the disk cache: blocks a read asks for one at a
+time (random reads, the start of a file) and everything of a small file are
+stored there as clean blocks. Blocks read ahead for a sequential reader of a
+larger file are a stream: they are kept in memory only, so a big sequential
+read neither pays for sealing and writing every block nor pushes out of the
+cache what other files put there.
 
 Callers hold ``entry.lock`` around writes, truncates and uploads; reads may
-run beside them, which is why a fetched block is stored only if nothing wrote
-that block while the GET was in flight.
+run beside them, which is why a fetched block is kept (on disk or in memory)
+only if nothing wrote that block while the GET was in flight.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
@@ -34,6 +42,18 @@ log = logging.getLogger(__name__)
 # decrypts whole stored chunks, which multipart uploads make 8 MiB).
 PREFETCH_BLOCKS_PER_GET = 8
 MAX_PREFETCH_IN_FLIGHT = 24
+# Files up to this size are small: what is read ahead of them goes to the disk
+# cache too, so reading one again later needs no GET. Larger files are streamed.
+SMALL_FILE_BYTES = PREFETCH_BLOCKS_PER_GET * BLOCK_SIZE
+# Of the blocks kept in memory, this many are left for blocks being read
+# (decrypted from the disk cache, or read once); the rest may be blocks
+# fetched ahead that no one has read yet.
+BLOCKS_FOR_READING = 8
+# A block fetched ahead and still unread after this long was abandoned (its
+# reader closed the file or went elsewhere): it stops holding read-ahead room.
+UNREAD_PATIENCE = 10.0
+
+BlockKey = tuple[bytes, int]
 
 
 class PlaintextBlocks:
@@ -44,27 +64,65 @@ class PlaintextBlocks:
     without a round trip through the disk. Each copy is tagged with the entry
     generation it is valid for. The shared bound keeps memory fixed however
     many files are open.
+
+    Blocks streamed ahead of a reader live only here until read, so they are
+    evicted last (losing one costs a GET), and read-ahead starts a GET only if
+    ``room_ahead`` says its blocks fit beside the other unread ones.
     """
 
     def __init__(self, max_blocks: int) -> None:
         self.max_blocks = max_blocks
-        self._blocks: OrderedDict[tuple[bytes, int], tuple[int, bytes]] = OrderedDict()
+        self._blocks: OrderedDict[BlockKey, tuple[int, bytes]] = OrderedDict()
+        # Streamed blocks not read yet, with when they arrived, oldest first.
+        self._unread: OrderedDict[BlockKey, float] = OrderedDict()
+        # Blocks being fetched ahead (all files): they land here soon.
+        self.fetching = 0
 
     def get(self, uid: bytes, index: int, generation: int) -> bytes | None:
         found = self._blocks.get((uid, index))
         if found is None or found[0] != generation:
             return None
         self._blocks.move_to_end((uid, index))
+        self._unread.pop((uid, index), None)
         return found[1]
 
-    def put(self, uid: bytes, index: int, generation: int, plaintext: bytes) -> None:
-        self._blocks[(uid, index)] = (generation, plaintext)
-        self._blocks.move_to_end((uid, index))
+    def holds(self, uid: bytes, index: int, generation: int) -> bool:
+        """Whether a copy valid for ``generation`` is here (without counting as a use)."""
+        found = self._blocks.get((uid, index))
+        return found is not None and found[0] == generation
+
+    def put(self, uid: bytes, index: int, generation: int, plaintext: bytes, *, unread: bool = False) -> None:
+        key = (uid, index)
+        self._blocks[key] = (generation, plaintext)
+        self._blocks.move_to_end(key)
+        self._unread.pop(key, None)
+        if unread:
+            self._unread[key] = time.monotonic()
         while len(self._blocks) > self.max_blocks:
-            self._blocks.popitem(last=False)
+            self._evict_one()
 
     def forget(self, uid: bytes, index: int) -> None:
         self._blocks.pop((uid, index), None)
+        self._unread.pop((uid, index), None)
+
+    def room_ahead(self) -> int:
+        """How many more blocks read-ahead may fetch now, beside those unread or in flight."""
+        self._expire_unread()
+        return self.max_blocks - BLOCKS_FOR_READING - len(self._unread) - self.fetching
+
+    def _evict_one(self) -> None:
+        self._expire_unread()
+        # Blocks already read go first; unread ones (oldest first) only when nothing else is left.
+        victim = next((key for key in self._blocks if key not in self._unread), None)
+        if victim is None:
+            victim = next(iter(self._blocks))
+        del self._blocks[victim]
+        self._unread.pop(victim, None)
+
+    def _expire_unread(self) -> None:
+        abandoned_before = time.monotonic() - UNREAD_PATIENCE
+        while self._unread and next(iter(self._unread.values())) < abandoned_before:
+            self._unread.popitem(last=False)
 
 
 class CachedFile:
@@ -111,13 +169,14 @@ class CachedFile:
         return (self.entry.generation == generation and index != self._hot_index and index not in self._sealing
                 and not self.cache.has_block(self.entry, index) and self.cache.is_live(self.entry))
 
-    async def _fetch_blocks(self, first: int, count: int, *, keep: bool,
+    async def _fetch_blocks(self, first: int, count: int, *, keep: bool, to_disk: bool = True,
                             fetched_hook: Callable[[], None] | None = None) -> list[bytes]:
         """Blocks ``first .. first+count-1`` from the base object (zeros past ``base_valid``).
 
         With ``keep``, fetched blocks are remembered in memory at once (then
-        ``fetched_hook`` runs, so waiting readers go on) and stored in the
-        cache after.
+        ``fetched_hook`` runs, so waiting readers go on) and, with ``to_disk``,
+        stored in the cache after; without it they are streamed blocks, kept
+        in memory only until read.
         """
         entry = self.entry
         start = first * BLOCK_SIZE
@@ -139,10 +198,13 @@ class CachedFile:
             if keep and available > number * BLOCK_SIZE and self._untouched(first + number, generation)
         ]
         for index, block in to_keep:
-            self._plaintext.put(entry.uid, index, generation, block)
-            self._landing[index] = (generation, block)
+            self._plaintext.put(entry.uid, index, generation, block, unread=not to_disk)
+            if to_disk:
+                self._landing[index] = (generation, block)
         if fetched_hook is not None:
             fetched_hook()
+        if not to_disk:
+            return blocks
         try:
             for index, block in to_keep:
                 still_current = functools.partial(self._untouched, index, generation)
@@ -209,11 +271,16 @@ class CachedFile:
     def prefetch(self, first: int, count: int, nursery: trio.Nursery) -> None:
         """Start fetching blocks ``first..first+count-1`` in the background, several GETs at once.
 
-        GETs cover aligned groups of ``PREFETCH_BLOCKS_PER_GET`` blocks (a run
-        started inside a group extends to its end), skipping blocks already
-        cached, being fetched, or past ``base_valid``; at most
-        ``MAX_PREFETCH_IN_FLIGHT`` blocks per file are in flight.
+        ``first`` is the block the reader is at. GETs cover aligned groups of
+        ``PREFETCH_BLOCKS_PER_GET`` blocks (a run started inside a group
+        extends to its end), skipping blocks already cached (on disk or in
+        memory), being fetched, or past ``base_valid``; at most
+        ``MAX_PREFETCH_IN_FLIGHT`` blocks per file are in flight. Blocks of a
+        file larger than ``SMALL_FILE_BYTES`` are streamed (memory only), so a
+        run past the reader's block starts only if the shared memory has room
+        for it; the run holding ``first`` starts anyway, as the reader needs it now.
         """
+        to_disk = self.entry.size <= SMALL_FILE_BYTES
         last_block = (self.entry.base_valid + BLOCK_SIZE - 1) // BLOCK_SIZE
         end = min(first + count, last_block)
         index = first
@@ -225,16 +292,20 @@ class CachedFile:
             run = 1
             while index + run < group_end and self._wants_fetch(index + run):
                 run += 1
+            if index > first and run > self._plaintext.room_ahead():
+                break  # more once the reader has read some of what is in memory
             events = {number: trio.Event() for number in range(index, index + run)}
             self._inflight.update(events)
-            nursery.start_soon(self._prefetch_run, index, run, events)
+            self._plaintext.fetching += run
+            nursery.start_soon(self._prefetch_run, index, run, events, to_disk)
             index += run
 
     def _wants_fetch(self, index: int) -> bool:
         return not (self.cache.has_block(self.entry, index) or index in self._inflight or index == self._hot_index
-                    or index in self._sealing or index in self._landing)
+                    or index in self._sealing or index in self._landing
+                    or self._plaintext.holds(self.entry.uid, index, self.entry.generation))
 
-    async def _prefetch_run(self, first: int, count: int, events: dict[int, trio.Event]) -> None:
+    async def _prefetch_run(self, first: int, count: int, events: dict[int, trio.Event], to_disk: bool) -> None:
         def release_readers() -> None:
             for index, event in events.items():
                 if self._inflight.get(index) is event:
@@ -242,10 +313,11 @@ class CachedFile:
                 event.set()
 
         try:
-            await self._fetch_blocks(first, count, keep=True, fetched_hook=release_readers)
+            await self._fetch_blocks(first, count, keep=True, to_disk=to_disk, fetched_hook=release_readers)
         except Exception as error:  # noqa: BLE001 - a failed prefetch only means the read fetches itself
             log.debug("prefetch of blocks %d+%d of %r failed: %s", first, count, self.entry.object_key, error)
         finally:
+            self._plaintext.fetching -= count
             release_readers()
 
     # ------------------------------------------------------------------ bytes

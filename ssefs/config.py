@@ -253,9 +253,10 @@ def _build(config_path: Path, document: dict[str, Any]) -> Config:
     endpoint = s3.get("endpoint", str, required=True).rstrip("/")
     try:
         parsed = urlparse(endpoint)
+        parsed.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
     except ValueError:
         raise ConfigError(f"[s3] endpoint {endpoint[:200]!r} is not a valid URL") from None
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(f"[s3] endpoint {endpoint!r} must be an https:// URL")
     allow_http = s3.get("allow_insecure_http", bool, False)
     if parsed.scheme == "http" and not allow_http:

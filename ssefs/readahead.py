@@ -11,9 +11,10 @@ from __future__ import annotations
 
 # Start at one block (a random reader pays for no more); double while the
 # reader stays sequential, up to 32 MiB ahead: enough for three parallel 8 MiB
-# read-ahead GETs to keep the line busy, and fewer than the 40 blocks the
-# filesystem keeps in memory, so what was fetched ahead is still there when read. Fetched
-# blocks also land in the disk cache, whose size bound also bounds read-ahead.
+# read-ahead GETs to keep the line busy, and what the filesystem's 40 blocks in
+# memory leave for blocks fetched ahead (``cachedfile.BLOCKS_FOR_READING``): a
+# streamed file's blocks live only there until read, so one sequential reader
+# gets its whole window, and several share that room.
 MIN_WINDOW_BLOCKS = 1
 MAX_WINDOW_BLOCKS = 32
 # The kernel's own read-ahead sends several requests at once, and they may

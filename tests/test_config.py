@@ -310,7 +310,10 @@ def test_https_endpoint_with_allow_insecure_http_still_fine(tmp_path: Path) -> N
     assert config.s3.endpoint.startswith("https://")
 
 
-@pytest.mark.parametrize("endpoint", ["s3.example.com", "ftp://s3.example.com", "https://", "", "file:///tmp/x"])
+@pytest.mark.parametrize("endpoint", [
+    "s3.example.com", "ftp://s3.example.com", "https://", "", "file:///tmp/x",
+    "https://s3.example.com:99999", "https://s3.example.com:port", "https://:443",
+])
 def test_endpoint_must_be_a_url(tmp_path: Path, endpoint: str) -> None:
     text = MINIMAL.replace('"https://s3.example.com"', f'"{endpoint}"')
     with pytest.raises(ConfigError, match="endpoint"):
