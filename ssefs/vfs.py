@@ -627,9 +627,11 @@ class Filesystem:
 
     async def getxattr(self, inode: int, name: bytes) -> bytes:
         if not name.startswith(b"user."):
-            # Only user.* are ever stored. Answered without a look at the file: ls -l asks
-            # every file for its ACL (system.posix_acl_access).
-            raise FsError(errno.ENODATA)
+            # Only user.* are ever stored: other namespaces (ACLs, SELinux labels) are not
+            # supported on this filesystem. ENOTSUP rather than ENODATA, because `ls -l` then
+            # stops asking every file for its ACL and label (it remembers, per device, the
+            # answer "unsupported"): two FUSE round trips less per file.
+            raise FsError(errno.ENOTSUP)
         _node, xattrs = await self._xattrs(inode)
         if name not in xattrs:
             raise FsError(errno.ENODATA)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,11 @@ def test_xattrs_round_trip_sealed_and_persisted(
     with pytest.raises(OSError) as caught:
         os.setxattr(doc, "trusted.other", b"x")
     assert caught.value.errno in (errno.ENOTSUP, errno.EPERM)
+    # Namespaces never stored are unsupported, not empty: ls -l then stops asking for ACLs and labels.
+    for unsupported in ("system.posix_acl_access", "security.selinux", "trusted.other"):
+        with pytest.raises(OSError) as caught:
+            os.getxattr(doc, unsupported)
+        assert caught.value.errno == errno.ENOTSUP, unsupported
     with pytest.raises(OSError) as caught:
         os.setxattr(doc, "user.big", b"v" * 3000)
     assert caught.value.errno == errno.E2BIG
@@ -83,3 +89,23 @@ def test_xattrs_round_trip_sealed_and_persisted(
     assert 'user.state="draft"' in dumped and 'user.tool="set by setfattr"' in dumped
     subprocess.run(["setfattr", "-x", "user.state", str(again / "renamed.txt")], check=True)
     assert os.listxattr(again / "renamed.txt") == ["user.tool"]
+
+
+def test_ls_l_asks_for_acls_and_labels_once_per_mount_not_per_file(
+    endpoint: SeaweedEndpoint, bucket: str, key_file: Path, key_bytes: bytes, s3: Any, tmp_path: Path,
+    mount_ssefs: MountFactory,
+) -> None:
+    """`ls -l` asks each file for its ACL and SELinux label unless the filesystem says it has none of either."""
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed")
+    for index in range(20):
+        s3.put_object(Bucket=bucket, Key=f"many/f{index:02d}", Body=b"x", **sse_params(key_bytes))
+    mount = mount_ssefs(write_config(tmp_path, endpoint, bucket, key_file))
+    traced = subprocess.run(
+        ["strace", "-f", "-e", "trace=getxattr,lgetxattr", "ls", "-l", str(mount.mountpoint / "many")],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert traced.stdout.count("\n") == 21  # "total" and 20 files
+    asked = [line for line in traced.stderr.splitlines() if "getxattr(" in line]
+    assert asked and all("ENOTSUP" in line or "EOPNOTSUPP" in line for line in asked), asked
+    assert len(asked) <= 4, "\n".join(asked)
