@@ -19,6 +19,8 @@ inodes or FUSE.
 from __future__ import annotations
 
 import base64
+import datetime
+import email.utils
 import functools
 import hashlib
 import logging
@@ -30,6 +32,8 @@ from typing import Any, Protocol, TypeVar
 
 import boto3
 import botocore.exceptions
+import botocore.session
+import botocore.utils
 import trio
 from botocore.config import Config as BotoConfig
 
@@ -158,8 +162,10 @@ class ObjectStore:
         self._sse_c_blocked: bool | None = None
         # None until the first UploadPartCopy tells us whether the server supports it.
         self.part_copy_supported: bool | None = None
+        core_session = botocore.session.get_session()
+        core_session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_s3_time)
         try:
-            session = boto3.session.Session(profile_name=settings.profile)
+            session = boto3.session.Session(profile_name=settings.profile, botocore_session=core_session)
         except botocore.exceptions.ProfileNotFound:
             raise ConfigError(f"[s3] profile {settings.profile!r} is not defined in the AWS config files") from None
         credentials: dict[str, str] = {}
@@ -692,6 +698,25 @@ class ObjectStore:
 
 def _first_line(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def parse_s3_time(text: str) -> datetime.datetime:
+    """The times S3 sends, parsed in a microsecond or two.
+
+    botocore's default parser (dateutil) costs about 50 µs a call: a LIST page
+    of 1,000 objects spent 50 ms on its dates, a HEAD a tenth of its CPU. S3
+    sends ISO 8601 in XML bodies and RFC 1123 in headers; anything else, or a
+    time without a zone, goes to botocore's own parser.
+    """
+    try:
+        parsed = (
+            datetime.datetime.fromisoformat(text) if "T" in text else email.utils.parsedate_to_datetime(text)
+        )
+    except (ValueError, TypeError, IndexError):
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        return botocore.utils.parse_timestamp(text)
+    return parsed
 
 
 def _info_from_listing(item: dict[str, Any]) -> ObjectInfo:

@@ -212,3 +212,18 @@ async def test_a_create_request_left_without_answer_has_its_uploads_aborted_at_t
     assert created not in {upload_id for _key, upload_id in left}
     assert cache.unfinished_multiparts() == []
     cache.close()
+
+
+@pytest.mark.parametrize("text", [
+    "Tue, 24 Nov 2026 22:53:16 GMT", "Thu, 01 Jan 1970 00:00:00 GMT", "2026-11-24T22:53:16.000Z",
+    "2026-11-24T22:53:16Z", "2026-11-24T22:53:16.123456+00:00", "2026-11-24T23:53:16+01:00",
+    "2026-11-24T22:53:16", "1700000000",
+])
+def test_fast_time_parser_agrees_with_botocore(text: str) -> None:
+    import botocore.utils
+
+    from ssefs.store import parse_s3_time
+
+    assert parse_s3_time(text) == botocore.utils.parse_timestamp(text)
+    assert parse_s3_time(text).tzinfo == botocore.utils.parse_timestamp(text).tzinfo or \
+        parse_s3_time(text).utcoffset() == botocore.utils.parse_timestamp(text).utcoffset()
