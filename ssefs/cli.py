@@ -28,7 +28,7 @@ import click
 import trio
 
 from . import __version__
-from .config import Config, load_config
+from .config import Config, format_size, load_config
 from .errors import SsefsError
 from .keys import KeyRing, SseKey, load_key_ring, write_new_key
 
@@ -320,10 +320,11 @@ def status(mountpoint: Path, as_json: bool) -> None:
         ("bucket", state["bucket"] + ("/" + prefix if prefix else "")),
         ("key fingerprint", state["key_fingerprint"]),
         ("previous keys", ", ".join(state.get("previous_key_fingerprints", [])) or "none"),
-        ("cache", f"{_size(state['cache_used_bytes'])} of {_size(state['cache_max_bytes'])} in {state['cache_dir']}"),
-        ("dirty", f"{state['dirty_files']} file(s), {_size(state['dirty_bytes'])} waiting for upload"),
+        ("cache", f"{format_size(state['cache_used_bytes'])} of {format_size(state['cache_max_bytes'])} "
+                  f"in {state['cache_dir']}"),
+        ("dirty", f"{state['dirty_files']} file(s), {format_size(state['dirty_bytes'])} waiting for upload"),
         ("uploads in flight", state["uploads_in_flight"]),
-        ("uploaded", f"{state['uploaded_files']} file(s), {_size(state['uploaded_bytes'])} since mount"),
+        ("uploaded", f"{state['uploaded_files']} file(s), {format_size(state['uploaded_bytes'])} since mount"),
         ("last upload error", state["last_upload_error"] or "none"),
     ]
     if state.get("read_only"):
@@ -335,15 +336,6 @@ def status(mountpoint: Path, as_json: bool) -> None:
     for problem in problems:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(problem["time"]))
         click.echo(f"{'':>20}{when} {problem['level']} {problem['message']}")
-
-
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
 
 
 @main.command()

@@ -59,6 +59,16 @@ def parse_size(value: object, *, what: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
+def format_size(count: int) -> str:
+    """Bytes for people, in the binary units ``parse_size`` reads back: ``512 B``, ``1.5 GiB``."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
 @dataclass(frozen=True)
 class S3Settings:
     endpoint: str

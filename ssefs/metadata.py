@@ -180,6 +180,20 @@ class XattrSealer:
         return xattrs
 
 
+def open_metadata_database(directory: Path) -> sqlite3.Connection:
+    """``metadata.sqlite`` in the cache directory, readable by its owner only.
+
+    What it holds can be learnt again from S3 (a lost update costs a HEAD, or
+    a 403 and a retry with another key), so writes are not fsynced.
+    """
+    path = Path(directory) / "metadata.sqlite"
+    database = sqlite3.connect(path, isolation_level=None)
+    os.chmod(path, 0o600)
+    database.execute("PRAGMA journal_mode=WAL")
+    database.execute("PRAGMA synchronous=OFF")
+    return database
+
+
 class StoredKeyIndex:
     """Which key (by fingerprint) each object not under the current key is stored with.
 
@@ -190,11 +204,7 @@ class StoredKeyIndex:
     """
 
     def __init__(self, directory: Path) -> None:
-        path = Path(directory) / "metadata.sqlite"
-        self._db = sqlite3.connect(path, isolation_level=None)
-        os.chmod(path, 0o600)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=OFF")
+        self._db = open_metadata_database(directory)
         self._db.execute("CREATE TABLE IF NOT EXISTS object_keys (object_key TEXT PRIMARY KEY, fingerprint TEXT)")
         self._fingerprints = dict(self._db.execute("SELECT object_key, fingerprint FROM object_keys").fetchall())
 
@@ -229,12 +239,7 @@ class MetadataIndex:
     """
 
     def __init__(self, directory: Path) -> None:
-        path = Path(directory) / "metadata.sqlite"
-        self._db = sqlite3.connect(path, isolation_level=None)
-        os.chmod(path, 0o600)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # A lost update only costs a HEAD later: no fsync.
-        self._db.execute("PRAGMA synchronous=OFF")
+        self._db = open_metadata_database(directory)
         columns = [row[1] for row in self._db.execute("PRAGMA table_info(attributes)")]
         if columns and "mtime_ns" not in columns:
             self._db.execute("DROP TABLE attributes")  # an older layout: it is only a cache

@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -34,7 +34,7 @@ from typing import Any, TextIO
 import trio
 from tqdm import tqdm
 
-from .config import MAX_PART_SIZE, Config, KeySource, S3Settings
+from .config import MAX_PART_SIZE, Config, KeySource, S3Settings, format_size
 from .errors import (
     KeyLoadError,
     NoSuchObject,
@@ -125,17 +125,18 @@ def load_rekey_keys(config: Config, source_text: str) -> tuple[SseKey, SseKey]:
 # --------------------------------------------------------------------- output helpers
 
 
-def human_size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
-
-
 def _plural(count: int, word: str) -> str:
     return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _group(heading: str, names: Iterable[str], *, always: bool = False) -> list[str]:
+    """A summary's heading line and, indented below it, the first names (none: no lines unless ``always``)."""
+    listed = sorted(names)
+    return [f"  {heading}", *_listed(listed, "    ")] if listed or always else []
+
+
+def _with_errors(errors: dict[str, str]) -> list[str]:
+    return [f"{key}: {error}" for key, error in errors.items()]
 
 
 def _listed(names: list[str], indent: str = "  ") -> list[str]:
@@ -190,7 +191,7 @@ class Progress:
         eta = f", about {elapsed * (1 - fraction) / fraction:.0f} s left" if 0 < fraction < 1 else ""
         return (
             f"ssefs {self.label}: {self.objects}/{self.total_objects} objects, "
-            f"{human_size(self.bytes)} of {human_size(self.total_bytes)}, {elapsed:.0f} s elapsed{eta}"
+            f"{format_size(self.bytes)} of {format_size(self.total_bytes)}, {elapsed:.0f} s elapsed{eta}"
         )
 
     def close(self) -> None:
@@ -392,14 +393,14 @@ class RekeyReport:
         lines = [
             f"ssefs rekey{' (dry run)' if self.dry_run else ''}: key {self.old} -> key {self.new} "
             f"in {_location(self.bucket, self.prefix)}: {_plural(self.listed, 'object')} listed",
-            f"  {verb}: {_plural(self.reencrypted.objects, 'object')}, {human_size(self.reencrypted.bytes)}",
+            f"  {verb}: {_plural(self.reencrypted.objects, 'object')}, {format_size(self.reencrypted.bytes)}",
             f"  already under the new key: {_plural(self.already.objects, 'object')}, "
-            f"{human_size(self.already.bytes)}",
+            f"{format_size(self.already.bytes)}",
         ]
         if self.resumed.objects:
             lines.append(
                 f"  done by an earlier, interrupted run (journal): {_plural(self.resumed.objects, 'object')}, "
-                f"{human_size(self.resumed.bytes)}"
+                f"{format_size(self.resumed.bytes)}"
             )
         if self.markers:
             lines.append(
@@ -408,17 +409,10 @@ class RekeyReport:
             )
         if self.vanished:
             lines.append(f"  deleted while the run went on: {_plural(len(self.vanished), 'object')}")
-        if self.unreadable:
-            lines.append(
-                f"  skipped, readable with neither key ({len(self.unreadable)}): written under a third key, "
-                "or the credentials may not read them"
-            )
-            lines += _listed(sorted(self.unreadable), "    ")
-        if self.not_encrypted:
-            lines.append(f"  skipped, not stored with SSE-C ({len(self.not_encrypted)}):")
-            lines += _listed(sorted(self.not_encrypted), "    ")
-        lines.append(f"  failed: {len(self.failed)}")
-        lines += _listed([f"{key}: {self.failed[key]}" for key in sorted(self.failed)], "    ")
+        lines += _group(f"skipped, readable with neither key ({len(self.unreadable)}): written under a third key, "
+                        "or the credentials may not read them", self.unreadable)
+        lines += _group(f"skipped, not stored with SSE-C ({len(self.not_encrypted)}):", self.not_encrypted)
+        lines += _group(f"failed: {len(self.failed)}", _with_errors(self.failed), always=True)
         lines.append(f"  elapsed: {self.elapsed:.1f} s")
         if self.interrupted:
             where = f" ({self.journal})" if self.journal else ""
@@ -655,22 +649,14 @@ class CheckReport:
         lines = [f"ssefs check: {_plural(self.listed, 'object')} in {_location(self.bucket, self.prefix)}"]
         for use in self.keys:
             lines.append(
-                f"  key {use.fingerprint} ({use.role}): {_plural(use.objects, 'object')}, {human_size(use.bytes)}"
+                f"  key {use.fingerprint} ({use.role}): {_plural(use.objects, 'object')}, {format_size(use.bytes)}"
             )
         if self.markers:
             lines.append(f"  directory markers without SSE-C: {self.markers} (they hold no data; not a problem)")
-        if self.unreadable:
-            lines.append(
-                f"  not readable with any configured key ({len(self.unreadable)}): written under another key, "
-                "or the credentials may not read them"
-            )
-            lines += _listed(sorted(self.unreadable), "    ")
-        if self.not_encrypted:
-            lines.append(f"  not stored with SSE-C ({len(self.not_encrypted)}):")
-            lines += _listed(sorted(self.not_encrypted), "    ")
-        if self.errors:
-            lines.append(f"  could not be checked ({len(self.errors)}):")
-            lines += _listed([f"{key}: {self.errors[key]}" for key in sorted(self.errors)], "    ")
+        lines += _group(f"not readable with any configured key ({len(self.unreadable)}): written under another "
+                        "key, or the credentials may not read them", self.unreadable)
+        lines += _group(f"not stored with SSE-C ({len(self.not_encrypted)}):", self.not_encrypted)
+        lines += _group(f"could not be checked ({len(self.errors)}):", _with_errors(self.errors))
         for use in self.keys:
             if use.role == "current":
                 continue
