@@ -276,9 +276,10 @@ class CachedFile:
         extends to its end), skipping blocks already cached (on disk or in
         memory), being fetched, or past ``base_valid``; at most
         ``MAX_PREFETCH_IN_FLIGHT`` blocks per file are in flight. Blocks of a
-        file larger than ``SMALL_FILE_BYTES`` are streamed (memory only), so a
-        run past the reader's block starts only if the shared memory has room
-        for it; the run holding ``first`` starts anyway, as the reader needs it now.
+        file larger than ``SMALL_FILE_BYTES`` are streamed: they live only in
+        the shared memory until read, so a run past the reader's block starts
+        only if that memory has room for it; the run holding ``first`` starts
+        anyway, as the reader needs it now.
         """
         to_disk = self.entry.size <= SMALL_FILE_BYTES
         last_block = (self.entry.base_valid + BLOCK_SIZE - 1) // BLOCK_SIZE
@@ -296,8 +297,8 @@ class CachedFile:
                 break  # more once the reader has read some of what is in memory
             events = {number: trio.Event() for number in range(index, index + run)}
             self._inflight.update(events)
-            self._plaintext.fetching += run
             nursery.start_soon(self._prefetch_run, index, run, events, to_disk)
+            self._plaintext.fetching += run  # until the run ends (in _prefetch_run)
             index += run
 
     def _wants_fetch(self, index: int) -> bool:
