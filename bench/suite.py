@@ -620,7 +620,7 @@ def seq_read(h: Harness, r: Result) -> None:
           peers={name: rate(mib, peer_cold[name]) if name in peer_cold else None for name in h.peers})
     r.row(f"{mib:.0f} MiB read, warm (again at once)", "MiB/s", rate(mib, timings["warm"]),
           rate(mib, local_seconds), "local file, cold page cache")
-    r.row(f"{mib:.0f} MiB read, warm after drop_caches (ssefs disk cache)", "MiB/s",
+    r.row(f"{mib:.0f} MiB read, again after drop_caches (large file: from S3 again, not the disk cache)", "MiB/s",
           rate(mib, timings["warm_dropped"]), rate(mib, local_seconds), "local file, cold page cache")
     os.unlink(path)
 

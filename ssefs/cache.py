@@ -98,6 +98,9 @@ CREATE TABLE IF NOT EXISTS entries (
     file_xattrs TEXT,
     mtime_ns INTEGER
 );
+CREATE TABLE IF NOT EXISTS pending_deletes (
+    object_key TEXT PRIMARY KEY
+);
 CREATE TABLE IF NOT EXISTS multipart_uploads (
     upload_id TEXT PRIMARY KEY,
     object_key TEXT NOT NULL,
@@ -472,6 +475,19 @@ class BlockCache:
         return [(key, upload_id, started) for upload_id, key, started in self._db.execute(
             "SELECT upload_id, object_key, started FROM multipart_uploads ORDER BY started"
         )]
+
+    # ------------------------------------------------------------------ deletes (``deletes.DeleteJournal``)
+
+    def delete_queued(self, object_key: str) -> None:
+        """Record a delete S3 has not confirmed yet (it survives a crash of the daemon)."""
+        self._db.execute("INSERT OR IGNORE INTO pending_deletes VALUES (?)", (object_key,))
+
+    def deletes_done(self, object_keys: list[str]) -> None:
+        with self._transaction():
+            self._db.executemany("DELETE FROM pending_deletes WHERE object_key = ?", [(key,) for key in object_keys])
+
+    def queued_deletes(self) -> list[str]:
+        return [key for (key,) in self._db.execute("SELECT object_key FROM pending_deletes ORDER BY rowid")]
 
     def unlink_entry(self, entry: Entry) -> None:
         """Detach an entry from its name: it serves the file's open handles and is never uploaded.

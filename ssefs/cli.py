@@ -324,6 +324,7 @@ def status(mountpoint: Path, as_json: bool) -> None:
                   f"in {state['cache_dir']}"),
         ("dirty", f"{state['dirty_files']} file(s), {format_size(state['dirty_bytes'])} waiting for upload"),
         ("uploads in flight", state["uploads_in_flight"]),
+        ("deletes pending", state.get("deletes_pending", 0)),
         ("uploaded", f"{state['uploaded_files']} file(s), {format_size(state['uploaded_bytes'])} since mount"),
         ("last upload error", state["last_upload_error"] or "none"),
     ]

@@ -83,6 +83,7 @@ class Operations(pyfuse3.Operations):
         self.errors = _ErrorLog()
         # Directory listings are snapshotted at opendir so that offsets stay valid.
         self._listings: dict[int, list[tuple[str, Any]]] = {}
+        self._directory_inodes: dict[int, int] = {}
         self._next_dir_handle = 1
 
     def _entry(self, node: Any) -> pyfuse3.EntryAttributes:
@@ -133,7 +134,14 @@ class Operations(pyfuse3.Operations):
         handle = self._next_dir_handle
         self._next_dir_handle += 1
         self._listings[handle] = listing
+        self._directory_inodes[handle] = inode
         return handle
+
+    @translated
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        inode = self._directory_inodes.get(fh)
+        if inode is not None:
+            await self.fs.fsync_directory(inode)
 
     @translated
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -146,6 +154,7 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def releasedir(self, fh: int) -> None:
+        self._directory_inodes.pop(fh, None)
         for _name, node in self._listings.pop(fh, []):
             self.fs.inodes.drop_if_unused(node)
 

@@ -205,6 +205,7 @@ async def serve(
     )
     key_index = store.key_index = StoredKeyIndex(cache.directory)
     store.upload_journal = cache
+    store.deletes.attach_journal(cache)
     if not config.mount.read_only:
         await abort_unfinished_uploads(store, cache)
     xattr_sealer = XattrSealer(*(each.derive(b"xattrs-v1") for each in keys.all))
@@ -229,6 +230,8 @@ async def serve(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
             await nursery.start(filesystem.writeback.run)
+            if not config.mount.read_only:
+                await nursery.start(store.deletes.run)
             await nursery.start(cache.remove_dropped_files)
             filesystem.background = nursery
             nursery.start_soon(_report_status, state, status)
@@ -281,6 +284,9 @@ class StatusReport:
             "uploaded_files": filesystem.writeback.uploaded_files,
             "uploaded_bytes": filesystem.writeback.uploaded_bytes,
             "last_upload_error": writeback.last_error,
+            "deletes_pending": len(filesystem.store.deletes),
+            "deleted_files": filesystem.store.deletes.deleted,
+            "last_delete_error": filesystem.store.deletes.last_error,
             "recent_problems": list(self.problems.entries),
             "updated_at": time.time(),
         }

@@ -12,8 +12,10 @@ typed errors of ``errors.py``, naming the object key and never the SSE-C key.
 Writes always use the current key; reads use the key an object is known to be
 stored under (``KeyIndex``, by fingerprint; the current key when unknown), and
 only when the server refuses that key (403) try the mount's previous keys,
-remembering the one that worked. This module knows object keys, not paths,
-inodes or FUSE.
+remembering the one that worked. Keys whose delete is queued
+(``deletes.DeleteQueue``) read as absent, and a write to one first cancels its
+delete or waits for it. This module knows object keys, not paths, inodes or
+FUSE.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import trio
 from botocore.config import Config as BotoConfig
 
 from .config import S3Settings
+from .deletes import DeleteQueue
 from .errors import (
     ConfigError,
     NoSuchObject,
@@ -154,6 +157,8 @@ class ObjectStore:
         self.keys = keys if isinstance(keys, KeyRing) else KeyRing(keys)
         self.key_index: KeyIndex = key_index or MemoryKeyIndex()
         self.upload_journal: UploadJournal | None = None
+        # Deletes not yet confirmed by S3: their keys read as absent, and writes to them wait.
+        self.deletes = DeleteQueue(self.delete_many)
         # Objects seen to be under the current key, while previous keys are configured.
         self._under_current_key: set[str] = set()
         self._key = self.keys.current
@@ -365,6 +370,7 @@ class ObjectStore:
 
     async def head(self, object_key: str, *, key: SseKey | None = None) -> ObjectInfo:
         """The object's size, ETag, time and user metadata; with ``key``, under that key only."""
+        self._refuse_pending("HeadObject", object_key)
 
         async def attempt(sse_key: SseKey) -> ObjectInfo:
             response = await self._call(
@@ -385,6 +391,7 @@ class ObjectStore:
         """Read ``length`` bytes at ``offset`` (fewer at the end of the object)."""
         if length <= 0:
             return b""
+        self._refuse_pending("GetObject", object_key)
 
         def fetch(sse_key: SseKey) -> bytes:
             response = self._client.get_object(
@@ -427,7 +434,11 @@ class ObjectStore:
                     objects.append(_info_from_listing(item))
             return Listing(objects, prefixes)
 
-        return await self._call("ListObjectsV2", prefix, fetch)
+        listing = await self._call("ListObjectsV2", prefix, fetch)
+        if not self.deletes:
+            return listing
+        # What is being deleted reads as absent.
+        return Listing([info for info in listing.objects if not self.deletes.is_pending(info.key)], listing.prefixes)
 
     async def list_tree(self, prefix: str) -> list[ObjectInfo]:
         """Every object whose key starts with ``prefix``, at any depth, markers included."""
@@ -440,26 +451,32 @@ class ObjectStore:
                 for item in page.get("Contents", ())
             ]
 
-        return await self._call("ListObjectsV2", prefix, fetch)
+        return [info for info in await self._call("ListObjectsV2", prefix, fetch)
+                if not self.deletes.is_pending(info.key)]
 
     async def first_object_with_prefix(self, prefix: str) -> ObjectInfo | None:
         """The lexicographically first object whose key starts with ``prefix``, if any."""
+        # Keys whose delete is pending are skipped: ask for enough to get past them.
+        wanted = 1 + len(self.deletes.pending_under(prefix))
 
-        def fetch() -> ObjectInfo | None:
-            response = self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
-            contents = response.get("Contents", ())
-            return _info_from_listing(contents[0]) if contents else None
+        def fetch() -> list[ObjectInfo]:
+            response = self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=min(wanted, LIST_PAGE))
+            return [_info_from_listing(item) for item in response.get("Contents", ())]
 
-        return await self._call("ListObjectsV2", prefix, fetch)
+        found = await self._call("ListObjectsV2", prefix, fetch)
+        return next((info for info in found if not self.deletes.is_pending(info.key)), None)
 
     async def keys_with_prefix(self, prefix: str, limit: int) -> list[str]:
         """Up to ``limit`` keys starting with ``prefix`` (no delimiter)."""
+        # Keys whose delete is pending are skipped: ask for enough to get past them.
+        wanted = limit + len(self.deletes.pending_under(prefix))
 
         def fetch() -> list[str]:
-            response = self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=limit)
+            response = self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=min(wanted, LIST_PAGE))
             return [item["Key"] for item in response.get("Contents", ())]
 
-        return await self._call("ListObjectsV2", prefix, fetch)
+        keys = await self._call("ListObjectsV2", prefix, fetch)
+        return [key for key in keys if not self.deletes.is_pending(key)][:limit]
 
     async def probe(self, object_key: str) -> tuple[ObjectInfo | None, bool]:
         """Whether ``object_key`` exists as an object, and whether ``object_key/`` holds anything.
@@ -498,6 +515,7 @@ class ObjectStore:
         connection closes after the headers (botocore waits for
         ``100-continue`` there), which would replace a file by 0 bytes.
         """
+        await self.deletes.settle(object_key)
         content_md5 = base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
         response = await self._call(
             "PutObject",
@@ -513,6 +531,7 @@ class ObjectStore:
 
     async def put_directory_marker(self, prefix: str) -> None:
         """Create the empty ``dir/`` object that marks a directory."""
+        await self.deletes.settle(prefix)
         await self._call(
             "PutObject",
             prefix,
@@ -521,6 +540,7 @@ class ObjectStore:
 
     async def create_multipart(self, object_key: str, metadata: dict[str, str] | None = None) -> str:
         """Start a multipart upload, journaled from before the request so a lost answer orphans nothing."""
+        await self.deletes.settle(object_key)
         journal = self.upload_journal
         started = time.time()
         pending = PENDING_CREATE_PREFIX + secrets.token_hex(8)
@@ -669,7 +689,7 @@ class ObjectStore:
         """
         if metadata is None:
             metadata = (await self.head(source_key)).metadata
-
+        await self.deletes.settle(target_key)
         source_sse = (await self._copy_source_key(source_key)).copy_source_params()
         response = await self._call(
             "CopyObject",
@@ -686,14 +706,47 @@ class ObjectStore:
         return str(response.get("CopyObjectResult", {}).get("ETag", "")).strip('"')
 
     async def delete(self, object_key: str) -> None:
+        """Delete one object now (a queued delete of the same key is then moot)."""
+        await self.deletes.settle(object_key)
         await self._call(
             "DeleteObject",
             object_key,
             functools.partial(self._client.delete_object, Bucket=self.bucket, Key=object_key),
         )
+        self._deleted(object_key)
+
+    def delete_later(self, object_key: str) -> None:
+        """Queue the object's delete (journaled): from now on it reads as absent; ``deletes.run`` sends it."""
+        self.deletes.add(object_key)
+
+    async def delete_many(self, object_keys: list[str]) -> dict[str, str]:
+        """Delete up to 1,000 objects in one request; returns the reason for each that was not deleted."""
+
+        def send() -> Any:
+            return self._client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in object_keys], "Quiet": True},
+            )
+
+        response = await self._call("DeleteObjects", object_keys[0] if object_keys else "", send)
+        errors = {
+            str(error.get("Key")): f"{error.get('Code', '')} {error.get('Message', '')}".strip()
+            for error in response.get("Errors", ())
+            # Absent already: what a delete wants.
+            if error.get("Code") != "NoSuchKey"
+        }
+        for object_key in object_keys:
+            if object_key not in errors:
+                self._deleted(object_key)
+        return errors
+
+    def _deleted(self, object_key: str) -> None:
         if self.key_index.get(object_key) is not None:
             self.key_index.forget(object_key)
         self._under_current_key.discard(object_key)
+
+    def _refuse_pending(self, operation: str, object_key: str) -> None:
+        if self.deletes.is_pending(object_key):
+            raise NoSuchObject(f"{operation} {object_key!r} in bucket {self.bucket}: no such object (deleted)")
 
 
 def _first_line(error: BaseException) -> str:

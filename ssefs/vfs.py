@@ -799,6 +799,8 @@ class Filesystem:
         if not node.is_dir:
             raise FsError(errno.ENOTDIR)
         prefix = self.directory_prefix(node.path)
+        # The deletes of its files land first, so the directory does not outlive them in S3.
+        await self.store.deletes.flush(prefix)
         remaining = [key for key in await self.store.keys_with_prefix(prefix, 3)
                      if key not in (prefix, prefix + SIDECAR_NAME)]
         local_children = any(entry.object_key.startswith(prefix) for entry in self.cache.dirty_entries())
@@ -856,7 +858,8 @@ class Filesystem:
             open_file.unlinked_entry = entry
         else:
             await self._discard_entry(object_key)
-        await self.store.delete(object_key)
+        # Journaled here, sent in a batch a moment later (deletes.py): rm -r costs no round trip per file.
+        self.store.delete_later(object_key)
         self.metadata.forget(self.object_key(node.path))
         self.inodes.remove_path(node.path)
 
@@ -1041,6 +1044,10 @@ class Filesystem:
         for directory_key in sorted(directories, key=lambda key: key.count("/"), reverse=True):
             await delete_one(directory_key)
 
+    async def fsync_directory(self, inode: int) -> None:
+        """fsync() of a directory: the deletes of files in it (and below) are done in S3 when it returns."""
+        await self.store.deletes.flush(self.directory_prefix(self._directory(inode).path))
+
     def statfs(self) -> pyfuse3.StatvfsData:
         stats = pyfuse3.StatvfsData()
         # S3 has no capacity limit to report; these numbers keep df and installers happy.
@@ -1057,6 +1064,11 @@ class Filesystem:
             self.metadata.close()
             return
         left = await self.writeback.flush_all()
+        try:
+            await self.store.deletes.flush()
+        except SsefsError as error:
+            log.error("%d delete(s) could not be sent; they are sent at the next mount with this config: %s",
+                      len(self.store.deletes), error)
         log.info(
             "this mount uploaded %d file(s), %d bytes; %d file(s) left dirty",
             self.writeback.uploaded_files, self.writeback.uploaded_bytes, len(left),
