@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 from ssefs import cachedfile
-from ssefs.cache import BLOCK_SIZE, BlockCache
+from ssefs.cache import BLOCK_SIZE, BlockCache, Entry
 from ssefs.cachedfile import BLOCKS_FOR_READING, SMALL_FILE_BYTES, UNREAD_PATIENCE, CachedFile, PlaintextBlocks
 from ssefs.readahead import MAX_WINDOW_BLOCKS, SequentialReader
 from ssefs.seaweed import SeaweedEndpoint
@@ -32,6 +32,13 @@ MiB = 1024 * 1024
 # What the filesystem shares between all files (vfs.Filesystem).
 SHARED_BLOCKS = 40
 BIG = 40 * MiB
+
+
+def file_over(cache: BlockCache, base: bytes) -> tuple[FakeS3, Entry, CachedFile]:
+    """A cache entry based on ``base`` in a fake S3, and a CachedFile over it with its own shared memory."""
+    fake = FakeS3({OBJECT: base})
+    entry = based_entry(cache, OBJECT, base)
+    return fake, entry, CachedFile(cache, entry, fake.fetch_range, PlaintextBlocks(SHARED_BLOCKS))
 
 
 @pytest.fixture
@@ -100,9 +107,7 @@ async def test_small_file_read_sequentially_is_cached_on_disk(cache: BlockCache)
 
 async def test_random_reads_are_cached_on_disk(cache: BlockCache) -> None:
     base = secrets.token_bytes(BIG)
-    fake = FakeS3({OBJECT: base})
-    entry = based_entry(cache, OBJECT, base)
-    cached = CachedFile(cache, entry, fake.fetch_range, PlaintextBlocks(SHARED_BLOCKS))
+    fake, entry, cached = file_over(cache, base)
     reader = SequentialReader()
     rng = random.Random(7)
     offsets = [0]
@@ -120,9 +125,7 @@ async def test_random_reads_are_cached_on_disk(cache: BlockCache) -> None:
 
 async def test_truncate_while_read_ahead_is_in_flight_serves_no_stale_bytes(cache: BlockCache) -> None:
     base = secrets.token_bytes(BIG)
-    fake = FakeS3({OBJECT: base})
-    entry = based_entry(cache, OBJECT, base)
-    cached = CachedFile(cache, entry, fake.fetch_range, PlaintextBlocks(SHARED_BLOCKS))
+    fake, entry, cached = file_over(cache, base)
     reader = SequentialReader()
     async with trio.open_nursery() as nursery:
         assert await read_like_vfs(cached, reader, nursery, 0, MiB) == base[:MiB]
@@ -144,9 +147,7 @@ async def test_truncate_while_read_ahead_is_in_flight_serves_no_stale_bytes(cach
 
 async def test_write_during_a_streamed_read_is_never_lost(cache: BlockCache) -> None:
     base = secrets.token_bytes(BIG)
-    fake = FakeS3({OBJECT: base})
-    entry = based_entry(cache, OBJECT, base)
-    cached = CachedFile(cache, entry, fake.fetch_range, PlaintextBlocks(SHARED_BLOCKS))
+    fake, entry, cached = file_over(cache, base)
     model = bytearray(base)
     reader = SequentialReader()
     async with trio.open_nursery() as nursery:
