@@ -921,10 +921,7 @@ class Filesystem:
             self.metadata.put(new_key, etag, attributes)
             node.etag = etag
             self.inodes.move(node, target_path)
-        try:
-            await self.store.delete(old_key)
-        except NoSuchObject:
-            pass
+        self.store.delete_later(old_key)  # journaled: the old name reads as absent from now on
         self.metadata.forget(old_key)
 
     async def _rename_directory(self, node: Node, target_path: str, *, replacing: Node | None) -> None:
@@ -1019,22 +1016,20 @@ class Filesystem:
         await self.directory_attributes.set(self.directory_prefix(old_parent), old_name, None)
         for entry in to_upload:
             await self.writeback.upload(entry)
-        # Everything is under the new name: now the old keys may go.
+        # Everything is under the new name: now the old keys may go, in batches of up to 1,000.
+        for info in objects:
+            if not info.key.endswith("/"):
+                self.store.delete_later(info.key)
+                self.metadata.forget(info.key)
+        await self.store.deletes.flush(old_prefix)
+
         async def delete_one(key: str) -> None:
-            async with limiter:
-                try:
-                    await self.store.delete(key)
-                except NoSuchObject:
-                    pass
+            try:
+                await self.store.delete(key)
+            except NoSuchObject:
+                pass
             self.metadata.forget(key)
 
-        try:
-            async with trio.open_nursery() as nursery:
-                for info in objects:
-                    if not info.key.endswith("/"):
-                        nursery.start_soon(delete_one, info.key)
-        except BaseExceptionGroup as group:
-            raise unwrap_group(group) from None
         # Then the directories, deepest first: markers, and the implicit directories
         # SeaweedFS keeps (as an empty folder) after their last object is gone.
         directories = {old_prefix}
