@@ -75,7 +75,11 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE = 1024 * 1024
 NONCE_BYTES = 12
 FORMAT_VERSION = "2"
-BLOCK_MAGIC = b"SSEFSB1\0"
+# Version 2 does not store a block's trailing zero bytes (a 4 KiB file costs a 4 KiB block file, not
+# 1 MiB: no sealing, writing and space for the padding); version 1 stored every block whole. Both
+# are read. An older ssefs refuses version 2 blocks rather than misread them.
+BLOCK_MAGIC = b"SSEFSB2\0"
+WHOLE_BLOCK_MAGIC = b"SSEFSB1\0"
 # Object keys never start with NUL: entries of files unlinked while open are renamed under it.
 UNLINKED_PREFIX = "\0unlinked/"
 
@@ -149,10 +153,13 @@ def _lock_directory(directory: Path) -> IO[str]:
 def _unseal_file(path: Path, cipher: AESGCM, associated_data: bytes) -> bytes:
     """Read and decrypt one block file (in a worker thread); InvalidTag if it is not intact."""
     sealed = path.read_bytes()
-    if not sealed.startswith(BLOCK_MAGIC):
+    if not sealed.startswith((BLOCK_MAGIC, WHOLE_BLOCK_MAGIC)):
         raise InvalidTag
     nonce = sealed[len(BLOCK_MAGIC):len(BLOCK_MAGIC) + NONCE_BYTES]
-    return cipher.decrypt(nonce, sealed[len(BLOCK_MAGIC) + NONCE_BYTES:], associated_data)
+    plaintext = cipher.decrypt(nonce, sealed[len(BLOCK_MAGIC) + NONCE_BYTES:], associated_data)
+    if len(plaintext) < BLOCK_SIZE:
+        plaintext += bytes(BLOCK_SIZE - len(plaintext))  # the trailing zeros that were not stored
+    return plaintext
 
 
 class CorruptBlock(SsefsError):
@@ -684,7 +691,8 @@ class BlockCache:
 
         def seal_to_file() -> tuple[Path, int]:
             nonce = secrets.token_bytes(NONCE_BYTES)
-            sealed = BLOCK_MAGIC + nonce + cipher.encrypt(nonce, plaintext, associated_data)
+            stored = plaintext if plaintext[-1:] != b"\0" else bytes(plaintext).rstrip(b"\0")
+            sealed = BLOCK_MAGIC + nonce + cipher.encrypt(nonce, stored, associated_data)
             path.parent.mkdir(exist_ok=True, mode=0o700)
             # Unique: a fetch and a write may seal the same block at once.
             temporary = path.with_name(f".{index}.{secrets.token_hex(6)}.tmp")

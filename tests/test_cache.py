@@ -23,7 +23,12 @@ OTHER_KEY = SseKey(bytes(range(1, 33)))
 IDENTITY = "https://s3.test/bucket/"
 OBJECT = "dir/object.bin"
 # A sealed block: magic, nonce, ciphertext, GCM tag.
-SEALED_BLOCK = len(BLOCK_MAGIC) + NONCE_BYTES + BLOCK_SIZE + 16
+def sealed_size(stored_bytes: int) -> int:
+    """A block file holding ``stored_bytes`` of plaintext (trailing zeros are not stored)."""
+    return len(BLOCK_MAGIC) + NONCE_BYTES + stored_bytes + 16
+
+
+SEALED_BLOCK = sealed_size(BLOCK_SIZE)
 
 
 class FakeS3:
@@ -610,13 +615,13 @@ async def test_damaged_dirty_block_raises(cache: BlockCache, damage: str) -> Non
     await cached.write(10, b"precious" * 1000)
     await cached.seal_hot()
     path = block_file(cache, entry, 0)
-    assert path.stat().st_size == SEALED_BLOCK
+    assert path.stat().st_size == sealed_size(10 + 8000)  # the zeros after the data are not stored
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:-1])
     elif damage == "deleted":
         path.unlink()
     else:
-        position = {"magic": 0, "nonce": len(BLOCK_MAGIC) + 3, "ciphertext": 100_000, "tag": SEALED_BLOCK - 1}
+        position = {"magic": 0, "nonce": len(BLOCK_MAGIC) + 3, "ciphertext": 4000, "tag": sealed_size(8010) - 1}
         flip_byte(path, position[damage])
     # (A fresh CachedFile: the writer's own remembers the block it sealed, intact, in memory.)
     with pytest.raises(CorruptBlock) as caught:
@@ -740,7 +745,7 @@ async def test_rename_entry(cache_dir: Path) -> None:
     assert cache.entry("new") is None and cache.entry("taken") is entry
     assert not cache.is_live(victim) and cache.is_live(entry)
     assert not (cache_dir / "blocks" / str(victim.id)).exists()
-    assert cache.used_bytes == used_before - SEALED_BLOCK
+    assert cache.used_bytes == used_before - sealed_size(100)
     assert await cached.read(0, 100) == b"renamed data"
     await cache.sync(entry)
     cache.close()
@@ -762,10 +767,11 @@ async def test_drop_entry_removes_blocks(cache_dir: Path) -> None:
         await cached.write(0, b"q" * (2 * BLOCK_SIZE + 10))
         await cached.seal_hot()
         await cache.sync(entry)
-    assert cache.used_bytes == 6 * SEALED_BLOCK
+    per_entry = 2 * SEALED_BLOCK + sealed_size(10)
+    assert cache.used_bytes == 2 * per_entry
     cache.drop_entry(dropped)
-    assert cache.used_bytes == 3 * SEALED_BLOCK
-    assert cache.dirty_bytes == 3 * SEALED_BLOCK
+    assert cache.used_bytes == per_entry
+    assert cache.dirty_bytes == per_entry
     assert not (cache_dir / "blocks" / str(dropped.id)).exists()
     assert cache.entry("drop") is None and not cache.is_live(dropped)
     assert cache.dirty_entries() == [keep]
@@ -774,7 +780,7 @@ async def test_drop_entry_removes_blocks(cache_dir: Path) -> None:
     reopened = make_cache(cache_dir)
     assert reopened.entry("drop") is None
     assert [entry.object_key for entry in reopened.entries()] == ["keep"]
-    assert reopened.used_bytes == 3 * SEALED_BLOCK
+    assert reopened.used_bytes == per_entry
     reopened.close()
 
 
@@ -783,7 +789,7 @@ async def test_create_entry_replaces_existing(cache: BlockCache) -> None:
     cached = CachedFile(cache, old, FakeS3().fetch_range)
     await cached.write(0, b"old contents")
     await cached.seal_hot()
-    assert cache.used_bytes == SEALED_BLOCK
+    assert cache.used_bytes == sealed_size(len(b"old contents"))
 
     base = b"fresh object in S3"
     fake = FakeS3({OBJECT: base})
@@ -993,3 +999,25 @@ async def test_dropped_entries_lose_their_files_in_the_background(cache: BlockCa
     await cache.write_block(second, 0, b"y", dirty=False)
     cache.drop_entry(second)
     assert not block_file(cache, second, 0).parent.exists()
+
+
+async def test_trailing_zeros_are_not_stored_and_whole_blocks_of_older_caches_still_read(cache: BlockCache) -> None:
+    from ssefs import cache as cache_module
+
+    entry = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, entry, FakeS3().fetch_range)
+    await cached.write(0, b"small file")
+    await cached.write(3 * BLOCK_SIZE + 5, b"\0\0\0")  # a block of zeros only
+    await cached.seal_hot()
+    assert block_file(cache, entry, 0).stat().st_size == sealed_size(len(b"small file"))
+    assert block_file(cache, entry, 3).stat().st_size == sealed_size(0)
+    assert await cached.read(0, 20) == b"small file" + bytes(10)
+    assert (await cache.read_block(entry, 0)) == b"small file" + bytes(BLOCK_SIZE - 10)
+    assert (await cache.read_block(entry, 3)) == bytes(BLOCK_SIZE)
+    # A block as an earlier version wrote it: whole, under the old tag.
+    path = block_file(cache, entry, 0)
+    nonce = b"\1" * NONCE_BYTES
+    whole = b"older" + bytes(BLOCK_SIZE - 5)
+    sealed = cache._cipher(entry).encrypt(nonce, whole, cache._associated_data(entry, 0))
+    path.write_bytes(cache_module.WHOLE_BLOCK_MAGIC + nonce + sealed)
+    assert (await cache.read_block(entry, 0)) == whole
