@@ -118,7 +118,11 @@ class DeleteQueue:
                 self._work = trio.Event()
                 await self._work.wait()
             batch = list(self._queued)[:BATCH_SIZE]
-            errors = await self._send(batch)
+            try:
+                errors = await self._send(batch)
+            except Exception as error:  # noqa: BLE001 - a bug here must not end the mount; the batch stays queued
+                log.exception("sending deletes failed unexpectedly")
+                errors = dict.fromkeys(batch, f"unexpected error: {error!r}")
             if not errors:
                 failures = 0
                 continue

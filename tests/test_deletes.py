@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from ssefs.deletes import BATCH_SIZE, DeleteQueue
 from ssefs.errors import NoSuchObject, ServerUnavailable
@@ -141,6 +142,28 @@ async def test_failed_deletes_are_retried_and_flush_reports_them() -> None:
     server.failing = set()
     await queue.flush()
     assert not len(queue) and journal.keys == []
+
+
+async def test_an_unexpected_error_does_not_stop_the_queue(autojump_clock: trio.testing.MockClock) -> None:
+    server = FakeServer()
+    calls = 0
+
+    async def broken_once(batch: list[str]) -> dict[str, str]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        return await server.delete_many(batch)
+
+    queue = DeleteQueue(broken_once)
+    queue.add("a")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(queue.run)
+        with trio.fail_after(60):  # virtual time: the retry comes after the backoff
+            while len(queue):
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    assert server.deleted == ["a"] and calls == 2
 
 
 async def test_a_cancelled_batch_stays_queued_and_journaled() -> None:
