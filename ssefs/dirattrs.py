@@ -78,11 +78,9 @@ class DirectoryAttributes:
 
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
-        # Per directory prefix: the ETag of the object last read or written, and its map.
+        # Per directory prefix: the ETag of the object last read or written, and its map (empty for
+        # an object that could not be read or parsed: reported once, fetched again once it changes).
         self._known: dict[str, tuple[str, DirectoryMap]] = {}
-        # Per directory prefix: the ETag of an object that could not be read or parsed, so that
-        # it is reported once rather than at every listing (it is fetched again once it changes).
-        self._unreadable: dict[str, str] = {}
         self._locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
 
     async def load(self, prefix: str, etag: str | None) -> DirectoryMap:
@@ -93,8 +91,6 @@ class DirectoryAttributes:
         known = self._known.get(prefix)
         if known is not None and known[0] == etag:
             return known[1]
-        if self._unreadable.get(prefix) == etag:
-            return {}
         try:
             directories = decode(await self._store.get_range(prefix + SIDECAR_NAME, 0, MAX_SIDECAR_BYTES))
         except ServerUnavailable as error:
@@ -106,9 +102,7 @@ class DirectoryAttributes:
                 "directory attributes in %r cannot be read (subdirectories show the mount's defaults): %s",
                 prefix + SIDECAR_NAME, error,
             )
-            self._unreadable[prefix] = etag
-            return {}
-        self._unreadable.pop(prefix, None)
+            directories = {}
         self._known[prefix] = (etag, directories)
         return directories
 

@@ -39,6 +39,7 @@ import pytest
 from ssefs.seaweed import SeaweedEndpoint
 
 from .conftest import Mount, eventually_on_server, keys, server_bytes, sse_params, write_config
+from .figures import accumulate
 from .proxy import TcpProxy
 from .test_faults import ServerWatcher, drop_page_cache, is_bookkeeping, write_file
 
@@ -78,10 +79,7 @@ def figures(request: pytest.FixtureRequest) -> Iterator[CrashFigures]:
     collected = CrashFigures()
     yield collected
     print(f"\n{collected.line(request.node.name)}")
-    TOTALS.crashes += collected.crashes
-    TOTALS.files_checked += collected.files_checked
-    TOTALS.bytes_verified += collected.bytes_verified
-    TOTALS.watch_checks += collected.watch_checks
+    accumulate(TOTALS, collected)
 
 
 # ---------------------------------------------------------------------- the harness

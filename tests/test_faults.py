@@ -42,6 +42,7 @@ import pytest
 from ssefs.seaweed import SeaweedEndpoint, SeaweedServer
 
 from .conftest import Mount, eventually_on_server, server_bytes, sse_params, write_config
+from .figures import accumulate
 from .proxy import TcpProxy
 
 MountFactory = Callable[..., Mount]
@@ -128,13 +129,7 @@ def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
     collected = Figures()
     yield collected
     print(f"\n{collected.line(request.node.name)}")
-    TOTALS.faults += collected.faults
-    TOTALS.ops += collected.ops
-    TOTALS.failed_ops += collected.failed_ops
-    TOTALS.bytes_verified += collected.bytes_verified
-    TOTALS.watch_checks += collected.watch_checks
-    TOTALS.slowest = max(TOTALS.slowest, collected.slowest)
-    TOTALS.errnos.update(collected.errnos)
+    accumulate(TOTALS, collected)
 
 
 # ---------------------------------------------------------------------- watching S3
