@@ -191,7 +191,12 @@ class ObjectStore:
                 retries={"mode": "standard", "max_attempts": settings.max_attempts},
                 connect_timeout=settings.connect_timeout,
                 read_timeout=settings.read_timeout,
-                s3={"addressing_style": settings.addressing_style},  # type: ignore[arg-type]
+                s3={  # type: ignore[arg-type]
+                    "addressing_style": settings.addressing_style,
+                    # Over TLS, signing each body with SHA-256 (botocore's default when no
+                    # checksum header is sent) only burns CPU: TLS already protects it.
+                    "payload_signing_enabled": not settings.endpoint.startswith("https://"),
+                },
                 # Integrity in transit comes from TLS; extra checksums cost CPU on every PUT.
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",

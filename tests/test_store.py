@@ -117,6 +117,28 @@ async def test_multipart_upload_and_copy(endpoint: SeaweedEndpoint, bucket: str,
         await store.head("multi")
 
 
+async def test_bodies_are_not_hashed_for_signing_over_tls(endpoint: SeaweedEndpoint, bucket: str,
+                                                          sse_key: SseKey) -> None:
+    """TLS protects the body in transit; a SHA-256 of every uploaded byte for the signature would only cost CPU."""
+    store = make_store(endpoint, bucket, sse_key)
+    signed_hashes: list[str] = []
+
+    def after_signing(request: Any, **_: Any) -> None:
+        signed_hashes.append(request.headers["X-Amz-Content-SHA256"])
+
+    store._client.meta.events.register_last("request-created.s3", after_signing)
+    upload_id = await store.create_multipart("unsigned", {})
+    part = secrets.token_bytes(5 * 1024 * 1024)
+    etag = await store.upload_part("unsigned", upload_id, 1, part)
+    await store.complete_multipart("unsigned", upload_id, [etag])
+    await store.put("unsigned-small", b"small body")
+    assert await store.get_range("unsigned", 0, 8) == part[:8]
+    assert signed_hashes and endpoint.endpoint.startswith("https://")
+    assert set(signed_hashes) == {"UNSIGNED-PAYLOAD"}
+    plain = make_store(endpoint, bucket, sse_key, endpoint_url=endpoint.endpoint.replace("https://", "http://"))
+    assert plain._client.meta.config.s3["payload_signing_enabled"] is True  # no TLS: the signature covers the body
+
+
 async def test_bucket_check_and_unreachable_server(endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey) -> None:
     await make_store(endpoint, bucket, sse_key).check_bucket()
     with pytest.raises(StartupCheckError, match="does not exist"):
