@@ -141,6 +141,18 @@ class RssSampler(threading.Thread):
         self.join()
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU the process has used so far (0 when there is none)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def bar(total: int, desc: str, unit: str = "it", scale: bool = False) -> tqdm:
     return tqdm(total=total, desc=f"  {desc}", unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
                 leave=False, position=1, dynamic_ncols=True)
@@ -497,18 +509,28 @@ class Result:
     rss_peak_bytes: int = 0
     notes: list[str] = field(default_factory=list)
     phase_started: float = 0.0
+    phase_cpu: tuple[int | None, float] = (None, 0.0)  # (daemon pid, its CPU seconds) at the phase's start
 
-    def start(self) -> None:
-        """Mark the start of a measured phase (for its RSS peak)."""
+    def start(self, harness: Harness) -> None:
+        """Mark the start of a measured phase (for its RSS peak and the daemon's CPU time)."""
         self.phase_started = time.monotonic()
+        self.phase_cpu = (harness.sampler.pid, cpu_seconds(harness.sampler.pid))
 
     def phase(self, harness: Harness, label: str) -> None:
-        """Record the daemon's peak RSS (MiB) between start() (or the previous phase) and now."""
+        """Record the daemon's peak RSS (MiB) and CPU seconds between start() (or the previous phase) and now.
+
+        CPU seconds are steadier than wall-clock rates on a noisy machine: compare them between revisions.
+        """
         time.sleep(0.15)  # let the sampler take one more sample
         now = time.monotonic()
         peak = harness.sampler.peak_between(self.phase_started, now)
         self.details.setdefault("rss_peak_mib_by_phase", {})[label] = round(peak / MiB)
+        pid, cpu_before = self.phase_cpu
+        cpu_now = cpu_seconds(harness.sampler.pid)
+        if pid == harness.sampler.pid:  # no remount in between
+            self.details.setdefault("daemon_cpu_seconds_by_phase", {})[label] = round(cpu_now - cpu_before, 2)
         self.phase_started = now
+        self.phase_cpu = (harness.sampler.pid, cpu_now)
 
     def row(self, metric: str, unit: str, ssefs: float | None, limit: float | None = None, limit_name: str = "",
             higher_is_better: bool = True, peers: dict[str, float | None] | None = None) -> None:
@@ -535,7 +557,7 @@ def seq_write(h: Harness, r: Result) -> None:
     mib = size / MiB
     path = h.mountpoint / "seq_write.bin"
     with bar(size, "ssefs write", "B", scale=True) as progress:
-        r.start()
+        r.start(h)
         started = time.monotonic()
         with open(path, "wb", buffering=0) as out:
             written = 0
@@ -577,7 +599,7 @@ def seq_read(h: Harness, r: Result) -> None:
     for label in ("cold", "warm", "warm_dropped"):
         if label != "warm":
             drop_caches()
-        r.start()
+        r.start(h)
         with bar(size, f"ssefs read {label}", "B", scale=True) as progress:
             started = time.monotonic()
             read_file_checked(path, size, h.block, progress)
@@ -637,7 +659,7 @@ def rand_read(h: Harness, r: Result) -> None:
     fd = os.open(path, os.O_RDONLY)
     latencies = []
     try:
-        r.start()
+        r.start(h)
         started = time.monotonic()
         for offset in tqdm(offsets, desc="  ssefs pread 4 KiB", leave=False, position=1):
             before = time.perf_counter()
@@ -681,7 +703,7 @@ def small_files(h: Harness, r: Result) -> None:
         ``phases`` ("WHO create", ...); returns the seconds until all files were in S3 and the objects left."""
 
         def timed(name: str, action: Callable[[str, int, int], None]) -> None:
-            r.start()
+            r.start(h)
             started = time.monotonic()
             for name_, length, start in tqdm(files, desc=f"  {name}", leave=False, position=1):
                 action(name_, length, start)
@@ -708,7 +730,7 @@ def small_files(h: Harness, r: Result) -> None:
         timed(f"{who} create", create)
         # ssefs and rclone upload each file a few seconds after its close (write-back); s3fs at close.
         # Wait until all are in S3.
-        r.start()
+        r.start(h)
         uploaded = phases[f"{who} create"] + h.wait_for_objects(prefix, count)
         r.phase(h, "wait for uploads" if who == "ssefs" else f"{who} wait for uploads")
         drop_caches()
@@ -826,7 +848,7 @@ def listing(h: Harness, r: Result) -> None:
     timings = {}
     for label in ("cold", "warm"):
         note(f"  ls -l {label} ({count} entries)")
-        r.start()
+        r.start(h)
         timings[label] = ls_long(h.mountpoint / "list", count, "ssefs", label)
         r.phase(h, f"ls -l {label}")
     started = time.monotonic()
@@ -892,20 +914,20 @@ def tar_extract(h: Harness, r: Result) -> None:
     target = h.mountpoint / "tar"
     target.mkdir()
     note(f"  tar -xf {len(members)} files ({total_bytes / MiB:.0f} MiB) into the mount")
-    r.start()
+    r.start(h)
     started = time.monotonic()
     extract = run(["tar", "-xf", str(tarball), "-C", str(target)])
     extract_seconds = time.monotonic() - started
     tar_errors = [line for line in extract.stderr.splitlines() if line.strip()]
     r.phase(h, "extract")
     note("  unmount (uploads what is left), remount with an empty cache directory")
-    r.start()
+    r.start(h)
     unmount_seconds = h.stop_mount()
     r.phase(h, "unmount")
     h.start_mount(fresh_cache=True)
     r.details["rss_idle_after_remount_mib"] = round(rss_bytes(h.mount.process.pid) / MiB) if h.mount else None
     drop_caches()
-    r.start()
+    r.start(h)
     started = time.monotonic()
     diff = run(["diff", "-r", str(local / "stdlib"), str(target / "stdlib")])
     readback_seconds = time.monotonic() - started
@@ -945,14 +967,14 @@ def dir_rename(h: Harness, r: Result) -> None:
              for index in range(count)]
     source, destination = h.mountpoint / "mv_src", h.mountpoint / "mv_dst"
     source.mkdir()
-    r.start()
+    r.start(h)
     for name, length, start in tqdm(files, desc="  setup: create", leave=False, position=1):
         with open(source / name, "wb") as out:
             out.write(h.block[start:start + length])
     h.wait_for_objects("mv_src/", count)
     r.phase(h, "setup")
     note(f"  mv of a directory of {count} files")
-    r.start()
+    r.start(h)
     started = time.monotonic()
     moved = run(["mv", str(source), str(destination)])
     mv_seconds = time.monotonic() - started
@@ -1217,6 +1239,11 @@ def main() -> None:
     print(f"daemon RSS peak over the suite: {harness.sampler.peak / MiB:.0f} MiB "
           f"(per workload: {', '.join(f'{r.name} {r.rss_peak_bytes / MiB:.0f}' for r in results)})")
     print(f"total {total:.0f} s; " + ", ".join(f"{r.name} {r.seconds:.0f} s" for r in results))
+    for result in results:
+        cpu = result.details.get("daemon_cpu_seconds_by_phase")
+        if cpu:
+            phases = ", ".join(f"{label} {value:.2f}" for label, value in cpu.items())
+            print(f"daemon CPU seconds ({result.name}): {phases}")
     for result in results:
         for text in result.notes:
             print(f"note ({result.name}): {text}")

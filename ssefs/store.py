@@ -768,7 +768,8 @@ def parse_s3_time(text: str) -> datetime.datetime:
     """
     try:
         parsed = (
-            datetime.datetime.fromisoformat(text) if "T" in text else email.utils.parsedate_to_datetime(text)
+            # RFC 1123 starts with the day's name ("Tue, 24 Nov ..."; note the T of GMT), ISO 8601 with the year.
+            email.utils.parsedate_to_datetime(text) if text[:1].isalpha() else datetime.datetime.fromisoformat(text)
         )
     except (ValueError, TypeError, IndexError):
         parsed = None

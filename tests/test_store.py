@@ -249,3 +249,19 @@ def test_fast_time_parser_agrees_with_botocore(text: str) -> None:
     assert parse_s3_time(text) == botocore.utils.parse_timestamp(text)
     assert parse_s3_time(text).tzinfo == botocore.utils.parse_timestamp(text).tzinfo or \
         parse_s3_time(text).utcoffset() == botocore.utils.parse_timestamp(text).utcoffset()
+
+
+@pytest.mark.parametrize("text", ["Tue, 24 Nov 2026 22:53:16 GMT", "2026-11-24T22:53:16.000Z"])
+def test_the_times_s3_sends_never_need_the_slow_parser(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers (RFC 1123: HEAD, GET) and XML bodies (ISO 8601: LIST) are parsed without dateutil."""
+    import botocore.utils
+
+    from ssefs.store import parse_s3_time
+
+    expected = botocore.utils.parse_timestamp(text)
+
+    def slow_parser(text: str) -> Any:
+        raise AssertionError(f"fell back to botocore's parser for {text!r}")
+
+    monkeypatch.setattr(botocore.utils, "parse_timestamp", slow_parser)
+    assert parse_s3_time(text) == expected
