@@ -42,6 +42,7 @@ that nothing changed it meanwhile.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import hmac
@@ -156,7 +157,8 @@ def _unseal_file(path: Path, cipher: AESGCM, associated_data: bytes) -> bytes:
     if not sealed.startswith((BLOCK_MAGIC, WHOLE_BLOCK_MAGIC)):
         raise InvalidTag
     nonce = sealed[len(BLOCK_MAGIC):len(BLOCK_MAGIC) + NONCE_BYTES]
-    plaintext = cipher.decrypt(nonce, sealed[len(BLOCK_MAGIC) + NONCE_BYTES:], associated_data)
+    # A view, not a slice: slicing would copy the whole block once more.
+    plaintext = cipher.decrypt(nonce, memoryview(sealed)[len(BLOCK_MAGIC) + NONCE_BYTES:], associated_data)
     if len(plaintext) < BLOCK_SIZE:
         plaintext += bytes(BLOCK_SIZE - len(plaintext))  # the trailing zeros that were not stored
     return plaintext
@@ -692,16 +694,22 @@ class BlockCache:
         def seal_to_file() -> tuple[Path, int]:
             nonce = secrets.token_bytes(NONCE_BYTES)
             stored = plaintext if plaintext[-1:] != b"\0" else bytes(plaintext).rstrip(b"\0")
-            sealed = BLOCK_MAGIC + nonce + cipher.encrypt(nonce, stored, associated_data)
+            # Header and ciphertext go out in one writev: joining them first would copy the block again.
+            sealed = [BLOCK_MAGIC + nonce, cipher.encrypt(nonce, stored, associated_data)]
+            sealed_bytes = sum(len(part) for part in sealed)
             path.parent.mkdir(exist_ok=True, mode=0o700)
             # Unique: a fetch and a write may seal the same block at once.
             temporary = path.with_name(f".{index}.{secrets.token_hex(6)}.tmp")
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.write(fd, sealed)
-            finally:
+                if os.writev(fd, sealed) != sealed_bytes:
+                    raise OSError(errno.ENOSPC, f"short write of cache block {temporary}")
+            except OSError:
                 os.close(fd)
-            return temporary, len(sealed)
+                temporary.unlink(missing_ok=True)
+                raise
+            os.close(fd)
+            return temporary, sealed_bytes
 
         temporary, stored_bytes = await trio.to_thread.run_sync(seal_to_file)
         if not self.is_live(entry) or not still_wanted():

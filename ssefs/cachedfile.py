@@ -31,7 +31,8 @@ import trio
 
 from .cache import BLOCK_SIZE, BlockCache, Entry
 
-FetchRange = Callable[[str, int, int], Awaitable[bytes]]
+# (object key, offset, length) -> those bytes in pieces of BLOCK_SIZE (the last may be shorter).
+FetchBlocks = Callable[[str, int, int], Awaitable[list[bytes]]]
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +130,12 @@ class CachedFile:
     """Reads and writes over one entry's blocks."""
 
     def __init__(
-        self, cache: BlockCache, entry: Entry, fetch_range: FetchRange,
+        self, cache: BlockCache, entry: Entry, fetch_blocks: FetchBlocks,
         plaintext_blocks: PlaintextBlocks | None = None,
     ) -> None:
         self.cache = cache
         self.entry = entry
-        self._fetch_range = fetch_range
+        self._fetch_from_object = fetch_blocks
         self._hot_index: int | None = None
         self._hot = bytearray()
         # Blocks on their way from the hot block into the cache.
@@ -181,14 +182,13 @@ class CachedFile:
         entry = self.entry
         start = first * BLOCK_SIZE
         available = max(0, min(count * BLOCK_SIZE, entry.base_valid - start))
-        data = b""
+        pieces: list[bytes] = []
         generation = entry.generation
         if available and entry.base_key is not None:
-            data = await self._fetch_range(entry.base_key, start, available)
-        data = data[:available]
+            pieces = await self._fetch_from_object(entry.base_key, start, available)
         blocks = []
         for number in range(count):
-            block = data[number * BLOCK_SIZE:(number + 1) * BLOCK_SIZE]
+            block = pieces[number] if number < len(pieces) else b""
             if len(block) < BLOCK_SIZE:
                 block += bytes(BLOCK_SIZE - len(block))
             blocks.append(block)

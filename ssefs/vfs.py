@@ -142,11 +142,14 @@ class Filesystem:
     def cached_file(self, entry: Entry) -> CachedFile:
         cached = self._cached_files.get(entry.id)
         if cached is None or cached.entry is not entry:
-            cached = CachedFile(self.cache, entry, self.store.get_range, self.plaintext_blocks)
+            cached = CachedFile(self.cache, entry, self._fetch_blocks, self.plaintext_blocks)
             if entry.open_writers or self._is_open(entry):
                 # Kept while open: it holds the hot block and the read-ahead state.
                 self._cached_files[entry.id] = cached
         return cached
+
+    async def _fetch_blocks(self, object_key: str, offset: int, length: int) -> list[bytes]:
+        return await self.store.get_pieces(object_key, offset, length, BLOCK_SIZE)
 
     def _is_open(self, entry: Entry) -> bool:
         node = self.inodes.by_path(entry.object_key[len(self.prefix):])

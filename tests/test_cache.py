@@ -41,13 +41,15 @@ class FakeS3:
         self.gate: trio.Event | None = None
         self.started = trio.Event()
 
-    async def fetch_range(self, key: str, offset: int, length: int) -> bytes:
+    async def fetch_range(self, key: str, offset: int, length: int) -> list[bytes]:
+        """The range in block-sized pieces, as ``ObjectStore.get_pieces`` returns it."""
         self.calls.append((key, offset, length))
         self.started.set()
         if self.gate is not None:
             await self.gate.wait()
         await trio.lowlevel.checkpoint()
-        return self.objects[key][offset:offset + length]
+        data = self.objects[key][offset:offset + length]
+        return [data[start:start + BLOCK_SIZE] for start in range(0, len(data), BLOCK_SIZE)]
 
 
 class RoomRecorder:

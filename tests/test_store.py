@@ -54,6 +54,17 @@ async def test_put_get_range_head_carry_the_key(
     assert info.size == len(payload) and info.metadata == {"note": "x"}
 
 
+async def test_a_range_read_in_pieces(endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey) -> None:
+    store = make_store(endpoint, bucket, sse_key)
+    payload = secrets.token_bytes(2 * 1024 * 1024 + 12_345)
+    await store.put("pieces.bin", payload)
+    pieces = await store.get_pieces("pieces.bin", 1000, len(payload), 1024 * 1024)
+    assert [len(piece) for piece in pieces] == [1024 * 1024, 1024 * 1024, 12_345 - 1000]  # the object ends first
+    assert b"".join(pieces) == payload[1000:]
+    assert await store.get_pieces("pieces.bin", 0, 10, 4) == [payload[0:4], payload[4:8], payload[8:10]]
+    assert await store.get_pieces("pieces.bin", len(payload), 10, 4) == []
+
+
 async def test_errors_are_typed_and_never_contain_the_key(
     endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, key_bytes: bytes, s3: Any
 ) -> None:
