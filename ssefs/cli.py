@@ -191,7 +191,7 @@ def _tune_malloc() -> None:
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(ctypes.c_int(-8), ctypes.c_int(2))  # M_ARENA_MAX
-        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(512 * 1024))  # M_MMAP_THRESHOLD
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(1280 * 1024))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 
