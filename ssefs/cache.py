@@ -56,7 +56,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import trio
 from cryptography.exceptions import InvalidTag
@@ -196,6 +196,8 @@ class Entry:
     owner_uid: int | None = None
     owner_gid: int | None = None
     sealed_xattrs: str | None = None
+    # The entry's row as last saved with a full sync: a sync with nothing new to save skips the fsync.
+    durable_row: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def attributes(self) -> FileAttributes:
@@ -243,6 +245,8 @@ class BlockCache:
         # NORMAL: single statements commit without an fsync; ``sync`` commits
         # with FULL, which fsyncs the write-ahead log and with it every earlier commit.
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # sqlite's count of rows changed when ``sync`` last committed with FULL.
+        self._changes_when_synced: int | None = None
         self._db.executescript(SCHEMA)
         self._add_missing_columns()
         try:
@@ -564,11 +568,18 @@ class BlockCache:
                 finally:
                     os.close(directory_fd)
 
-        await trio.to_thread.run_sync(fsync_all)
+        if paths:
+            await trio.to_thread.run_sync(fsync_all)
         self._save_entry(entry, durable=True)
 
     def _save_entry(self, entry: Entry, *, durable: bool = False) -> None:
         if entry.id not in self._entries:
+            return
+        row = (entry.base_key, entry.base_etag, entry.base_valid, entry.size, entry.mtime_ns / 1e9, entry.mtime_ns,
+               entry.generation, entry.uploaded_generation, entry.owner_mode, entry.owner_uid, entry.owner_gid,
+               entry.sealed_xattrs, entry.id)
+        if durable and row == entry.durable_row and self._db.total_changes == self._changes_when_synced:
+            # Nothing written since this very row was synced (release right after flush, a second close()).
             return
         if durable:
             self._db.execute("PRAGMA synchronous=FULL")
@@ -577,13 +588,14 @@ class BlockCache:
                 "UPDATE entries SET base_key = ?, base_etag = ?, base_valid = ?, size = ?, mtime = ?, mtime_ns = ?, "
                 "generation = ?, uploaded_generation = ?, file_mode = ?, file_uid = ?, file_gid = ?, file_xattrs = ? "
                 "WHERE id = ?",
-                (entry.base_key, entry.base_etag, entry.base_valid, entry.size, entry.mtime_ns / 1e9, entry.mtime_ns,
-                 entry.generation, entry.uploaded_generation, entry.owner_mode, entry.owner_uid, entry.owner_gid,
-                 entry.sealed_xattrs, entry.id),
+                row,
             )
         finally:
             if durable:
                 self._db.execute("PRAGMA synchronous=NORMAL")
+        entry.durable_row = row if durable else None
+        if durable:
+            self._changes_when_synced = self._db.total_changes
 
     def mark_uploaded(self, entry: Entry, generation: int, *, etag: str, size: int) -> None:
         """Generation ``generation`` is now the object in S3: its blocks turn clean."""

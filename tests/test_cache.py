@@ -393,6 +393,45 @@ async def test_synced_data_survives_reopening(cache_dir: Path) -> None:
     reopened.close()
 
 
+async def test_a_sync_with_nothing_new_writes_and_fsyncs_nothing(cache_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() syncs at flush and again at release: the second one has nothing to do (small-file creates)."""
+    cache = make_cache(cache_dir)
+    entry = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, entry, FakeS3().fetch_range)
+    await cached.write(0, b"small file")
+    await cached.seal_hot()
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        fsyncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    changes = cache._db.total_changes
+    await cache.sync(entry)  # flush
+    assert len(fsyncs) == 2 and cache._db.total_changes == changes + 1  # block file, its directory; the row
+    await cache.sync(entry)  # release
+    assert len(fsyncs) == 2 and cache._db.total_changes == changes + 1
+    other = new_entry(cache, "other")  # anything written since: the row is committed with FULL again
+    changes = cache._db.total_changes
+    await cache.sync(entry)
+    assert cache._db.total_changes == changes + 1
+    await cached.write(0, b"changed")  # and of course a change
+    await cached.seal_hot()
+    changes = cache._db.total_changes
+    await cache.sync(entry)
+    assert len(fsyncs) == 4 and cache._db.total_changes == changes + 1
+    cache.close()
+    reopened = make_cache(cache_dir)
+    again = reopened.entry(OBJECT)
+    assert again is not None and again.size == len(b"small file") and again.generation == entry.generation
+    assert await CachedFile(reopened, again, FakeS3().fetch_range).read(0, 100) == b"changed" + b"small file"[7:]
+    assert reopened.entry(other.object_key) is not None
+    reopened.close()
+
+
 async def test_uploaded_state_survives_reopening(cache_dir: Path) -> None:
     cache = make_cache(cache_dir)
     entry = new_entry(cache, OBJECT)
