@@ -547,9 +547,22 @@ class BlockCache:
         entry.mtime_ns = time.time_ns()
 
     async def sync(self, entry: Entry) -> None:
-        """Make the entry's stored blocks and state durable (close, fsync, before upload)."""
+        """Make the entry's stored blocks and state durable (close, fsync, before upload).
+
+        The entry's row is committed without an fsync on the trio thread; the
+        worker thread that fsyncs the block files then fsyncs the journal's
+        write-ahead log, which holds that commit (what synchronous=FULL would
+        do, without stalling every other request for it). A sync with nothing
+        new since the last one (release right after flush) does nothing.
+        """
         paths = [self._block_path(entry.id, index) for index in entry.unsynced]
         entry.unsynced.clear()
+        row = self._entry_row(entry)
+        if not paths and row == entry.durable_row and self._db.total_changes == self._changes_when_synced:
+            return
+        self._save_entry(entry)
+        changes_committed = self._db.total_changes
+        write_ahead_log = self.directory / "journal.sqlite-wal"
 
         def fsync_all() -> None:
             for path in paths:
@@ -567,20 +580,33 @@ class BlockCache:
                     os.fsync(directory_fd)
                 finally:
                     os.close(directory_fd)
+            # Checkpoints fsync what they copy out of the log first, so whatever the log held of
+            # the commit above is durable once the log is (or was never there: then fsync the database).
+            for journal in (write_ahead_log, self.directory / "journal.sqlite"):
+                try:
+                    fd = os.open(journal, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                break
 
-        if paths:
-            await trio.to_thread.run_sync(fsync_all)
-        self._save_entry(entry, durable=True)
+        await trio.to_thread.run_sync(fsync_all)
+        entry.durable_row = row
+        self._changes_when_synced = changes_committed
+
+    @staticmethod
+    def _entry_row(entry: Entry) -> tuple[Any, ...]:
+        return (entry.base_key, entry.base_etag, entry.base_valid, entry.size, entry.mtime_ns / 1e9, entry.mtime_ns,
+                entry.generation, entry.uploaded_generation, entry.owner_mode, entry.owner_uid, entry.owner_gid,
+                entry.sealed_xattrs, entry.id)
 
     def _save_entry(self, entry: Entry, *, durable: bool = False) -> None:
         if entry.id not in self._entries:
             return
-        row = (entry.base_key, entry.base_etag, entry.base_valid, entry.size, entry.mtime_ns / 1e9, entry.mtime_ns,
-               entry.generation, entry.uploaded_generation, entry.owner_mode, entry.owner_uid, entry.owner_gid,
-               entry.sealed_xattrs, entry.id)
-        if durable and row == entry.durable_row and self._db.total_changes == self._changes_when_synced:
-            # Nothing written since this very row was synced (release right after flush, a second close()).
-            return
+        row = self._entry_row(entry)
         if durable:
             self._db.execute("PRAGMA synchronous=FULL")
         try:
@@ -593,9 +619,7 @@ class BlockCache:
         finally:
             if durable:
                 self._db.execute("PRAGMA synchronous=NORMAL")
-        entry.durable_row = row if durable else None
-        if durable:
-            self._changes_when_synced = self._db.total_changes
+        entry.durable_row = None
 
     def mark_uploaded(self, entry: Entry, generation: int, *, etag: str, size: int) -> None:
         """Generation ``generation`` is now the object in S3: its blocks turn clean."""
@@ -692,6 +716,8 @@ class BlockCache:
         still_wanted: Callable[[], bool] = lambda: True,
     ) -> bool:
         """Seal and store one block; call ``evict_clean``/``ensure_space`` first.
+
+        ``plaintext`` may stop short of BLOCK_SIZE: the rest of the block is zeros.
 
         Sealing and writing the file run in a worker thread; the block takes
         its place (rename and journal row) back on the trio thread, and only

@@ -137,8 +137,11 @@ class CachedFile:
         self.entry = entry
         self._fetch_from_object = fetch_blocks
         self._hot_index: int | None = None
+        # The hot block holds the block's bytes up to its last non-zero-filled
+        # one: the rest reads as zeros. A small file's block is then a few
+        # KiB, not 1 MiB to allocate, copy, seal and scan for trailing zeros.
         self._hot = bytearray()
-        # Blocks on their way from the hot block into the cache.
+        # Blocks on their way from the hot block into the cache (as short as the hot block was).
         self._sealing: dict[int, bytes] = {}
         # Fetched blocks on their way into the cache, with the generation they were fetched at.
         self._landing: dict[int, tuple[int, bytes]] = {}
@@ -217,10 +220,10 @@ class CachedFile:
 
     async def _block(self, index: int, *, keep: bool = True) -> bytes:
         if index == self._hot_index:
-            return bytes(self._hot)
+            return _whole_block(bytes(self._hot))
         sealing = self._sealing.get(index)
         if sealing is not None:
-            return sealing
+            return _whole_block(sealing)
         fetching = self._inflight.get(index)
         if fetching is not None:
             await fetching.wait()
@@ -245,8 +248,10 @@ class CachedFile:
     async def _make_hot(self, index: int, *, overwrite_whole: bool) -> bytearray:
         if self._hot_index != index:
             await self.seal_hot()
-            content = bytes(BLOCK_SIZE) if overwrite_whole else await self._block(index, keep=False)
-            self._hot = bytearray(content)
+            if overwrite_whole or index * BLOCK_SIZE >= self.entry.size:
+                self._hot = bytearray()  # past the end of the file a block holds only zeros
+            else:
+                self._hot = bytearray(await self._block(index, keep=False))
             self._hot_index = index
             self._forget_plaintext(index)
         return self._hot
@@ -348,6 +353,8 @@ class CachedFile:
             count = min(len(view), BLOCK_SIZE - within)
             whole = within == 0 and count == BLOCK_SIZE
             hot = await self._make_hot(index, overwrite_whole=whole)
+            if len(hot) < within:
+                hot.extend(bytes(within - len(hot)))  # the gap before the write reads as zeros
             hot[within:within + count] = view[:count]
             view = view[count:]
             position += count
@@ -373,6 +380,11 @@ class CachedFile:
         if size < self.entry.size and within:
             # Zero the tail of the last kept block so a later extension reads zeros.
             hot = await self._make_hot(size // BLOCK_SIZE, overwrite_whole=False)
-            hot[within:] = bytes(BLOCK_SIZE - within)
+            del hot[within:]
         self.cache.truncate(self.entry, size)
         self.entry.size = size
+
+
+def _whole_block(content: bytes) -> bytes:
+    """A block kept without its trailing zeros, as readers see it: BLOCK_SIZE bytes."""
+    return content if len(content) == BLOCK_SIZE else content + bytes(BLOCK_SIZE - len(content))
