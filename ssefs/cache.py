@@ -562,7 +562,6 @@ class BlockCache:
             return
         self._save_entry(entry)
         changes_committed = self._db.total_changes
-        write_ahead_log = self.directory / "journal.sqlite-wal"
 
         def fsync_all() -> None:
             for path in paths:
@@ -580,22 +579,29 @@ class BlockCache:
                     os.fsync(directory_fd)
                 finally:
                     os.close(directory_fd)
-            # Checkpoints fsync what they copy out of the log first, so whatever the log held of
-            # the commit above is durable once the log is (or was never there: then fsync the database).
-            for journal in (write_ahead_log, self.directory / "journal.sqlite"):
-                try:
-                    fd = os.open(journal, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                break
+            self._fsync_journal()
 
         await trio.to_thread.run_sync(fsync_all)
         entry.durable_row = row
         self._changes_when_synced = changes_committed
+
+    async def sync_journal(self) -> None:
+        """Make every commit so far durable (in a worker thread, so nothing else waits for it)."""
+        await trio.to_thread.run_sync(self._fsync_journal)
+
+    def _fsync_journal(self) -> None:
+        # Checkpoints fsync what they copy out of the write-ahead log first, so every commit
+        # is durable once the log is (or, with no log, the database file).
+        for journal in (self.directory / "journal.sqlite-wal", self.directory / "journal.sqlite"):
+            try:
+                fd = os.open(journal, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
 
     @staticmethod
     def _entry_row(entry: Entry) -> tuple[Any, ...]:
@@ -622,7 +628,10 @@ class BlockCache:
         entry.durable_row = None
 
     def mark_uploaded(self, entry: Entry, generation: int, *, etag: str, size: int) -> None:
-        """Generation ``generation`` is now the object in S3: its blocks turn clean."""
+        """Generation ``generation`` is now the object in S3: its blocks turn clean.
+
+        Committed without an fsync: ``sync_journal`` makes it durable.
+        """
         entry.uploaded_generation = generation
         entry.base_key = entry.object_key
         entry.base_etag = etag
@@ -630,7 +639,7 @@ class BlockCache:
         for index in self._entry_blocks.get(entry.id, ()):
             if self._blocks[(entry.id, index)].write_generation <= generation:
                 self._clean_lru[(entry.id, index)] = None
-        self._save_entry(entry, durable=True)
+        self._save_entry(entry)
         self._signal_space()
 
     def truncate(self, entry: Entry, size: int) -> None:

@@ -223,8 +223,8 @@ class StoredKeyIndex:
         self._db.close()
 
 
-# How many forgotten keys to collect before deleting their rows in one statement.
-FORGET_BATCH = 256
+# How many changed or forgotten keys to collect before writing their rows in one transaction.
+WRITE_BATCH = 256
 
 
 class MetadataIndex:
@@ -248,6 +248,7 @@ class MetadataIndex:
             "last_modified INTEGER, mode INTEGER, uid INTEGER, gid INTEGER, mtime_ns INTEGER, xattrs TEXT)"
         )
         self._forgotten: set[str] = set()
+        self._unsaved: set[str] = set()
         self._known: dict[str, tuple[str, int | None, FileAttributes]] = {
             key: (etag, last_modified, FileAttributes(mode, uid, gid, mtime_ns, xattrs))
             for key, etag, last_modified, mode, uid, gid, mtime_ns, xattrs in self._db.execute(
@@ -273,33 +274,46 @@ class MetadataIndex:
         if self._known.get(object_key) == row:
             return
         self._known[object_key] = row
-        self._db.execute(
-            "INSERT OR REPLACE INTO attributes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (object_key, etag, row[1], attributes.mode, attributes.uid, attributes.gid, attributes.mtime_ns,
-             attributes.xattrs),
-        )
+        self._unsaved.add(object_key)
+        self._write_if_due()
 
     def put_many(self, rows: list[tuple[str, str, FileAttributes, float]]) -> None:
-        self._db.execute("BEGIN")
-        try:
-            for object_key, etag, attributes, last_modified in rows:
-                self.put(object_key, etag, attributes, last_modified)
-        finally:
-            self._db.execute("COMMIT")
+        """Attributes learnt for a whole listing: written at once."""
+        for object_key, etag, attributes, last_modified in rows:
+            self.put(object_key, etag, attributes, last_modified)
+        self.write()
 
     def forget(self, object_key: str) -> None:
-        # A stale row is harmless (it no longer matches any listing), so deletes
-        # are batched: one statement per file made an unlink a third slower.
         if self._known.pop(object_key, None) is not None:
+            self._unsaved.discard(object_key)
             self._forgotten.add(object_key)
-            if len(self._forgotten) >= FORGET_BATCH:
-                self._delete_forgotten()
+            self._write_if_due()
 
-    def _delete_forgotten(self) -> None:
-        if self._forgotten:
+    def _write_if_due(self) -> None:
+        # Rows are written in batches: one statement per file made an unlink a
+        # third slower and a lookup twice as slow. What a crash loses is
+        # learnt again (a HEAD); a stale row is harmless (it matches no listing).
+        if len(self._unsaved) + len(self._forgotten) >= WRITE_BATCH:
+            self.write()
+
+    def write(self) -> None:
+        """Write the rows changed or forgotten since the last write, in one transaction."""
+        if not self._unsaved and not self._forgotten:
+            return
+        self._db.execute("BEGIN")
+        try:
             self._db.executemany("DELETE FROM attributes WHERE object_key = ?", [(key,) for key in self._forgotten])
-            self._forgotten.clear()
+            rows = []
+            for object_key in self._unsaved:
+                etag, last_modified, attributes = self._known[object_key]
+                rows.append((object_key, etag, last_modified, attributes.mode, attributes.uid, attributes.gid,
+                             attributes.mtime_ns, attributes.xattrs))
+            self._db.executemany("INSERT OR REPLACE INTO attributes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        finally:
+            self._db.execute("COMMIT")
+        self._forgotten.clear()
+        self._unsaved.clear()
 
     def close(self) -> None:
-        self._delete_forgotten()
+        self.write()
         self._db.close()

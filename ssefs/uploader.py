@@ -292,6 +292,9 @@ class WriteBack:
             if self.cache.is_live(entry):
                 self.cache.mark_uploaded(entry, generation, etag=etag, size=size)
                 self._on_uploaded(entry)
+                # Lost in a power cut, the entry would look dirty again and be uploaded once more
+                # over whatever another client wrote since.
+                await self.cache.sync_journal()
             self._due.pop(entry.id, None)
             log.debug("uploaded %r (%d bytes, generation %d)", entry.object_key, size, generation)
 

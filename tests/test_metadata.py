@@ -80,7 +80,7 @@ def test_index_answers_only_for_the_same_etag_and_survives_reopening(tmp_path: P
 
 
 def test_forgotten_rows_are_deleted_in_batches_and_a_new_put_survives_them(tmp_path: Path) -> None:
-    from ssefs.metadata import FORGET_BATCH
+    from ssefs.metadata import WRITE_BATCH as FORGET_BATCH
 
     index = MetadataIndex(tmp_path)
     attributes = FileAttributes(0o100644, 0, 0, 1, None)
@@ -95,7 +95,40 @@ def test_forgotten_rows_are_deleted_in_batches_and_a_new_put_survives_them(tmp_p
     for number in range(2, FORGET_BATCH + 2):
         reopened.forget(f"f{number}")  # the batch fills and is written without a close
     rows = sqlite3.connect(tmp_path / "metadata.sqlite").execute("SELECT object_key FROM attributes").fetchall()
+    assert ("f1",) in rows and len(rows) < 10
+    reopened.close()
+    rows = sqlite3.connect(tmp_path / "metadata.sqlite").execute("SELECT object_key FROM attributes").fetchall()
     assert sorted(rows) == [("f1",)]
+
+
+def test_attributes_are_written_in_batches(tmp_path: Path) -> None:
+    """One transaction per lookup that learnt a LastModified made a cold stat twice as slow."""
+    from ssefs.metadata import WRITE_BATCH
+
+    def rows() -> int:
+        database = sqlite3.connect(tmp_path / "metadata.sqlite")
+        try:
+            return int(database.execute("SELECT COUNT(*) FROM attributes").fetchone()[0])
+        finally:
+            database.close()
+
+    index = MetadataIndex(tmp_path)
+    attributes = FileAttributes(0o100644, 0, 0, 1, None)
+    for number in range(WRITE_BATCH - 1):
+        index.put(f"f{number}", "etag", attributes)
+        assert index.get(f"f{number}", "etag", 1000.0) == attributes  # answers at once, from memory
+    assert rows() == 0
+    index.put("one-more", "etag", attributes)
+    assert rows() == WRITE_BATCH
+    index.put("after", "etag", attributes)
+    index.put_many([("listed", "etag", attributes, 1000.0)])  # a listing's worth goes out at once
+    assert rows() == WRITE_BATCH + 2
+    index.put("at-close", "etag", attributes)
+    index.close()
+    reopened = MetadataIndex(tmp_path)
+    assert reopened.get("at-close", "etag", 1000.0) == attributes
+    assert reopened.get("f0", "etag", 1000.0) == attributes
+    reopened.close()
 
 
 def test_stored_key_index_survives_reopening(tmp_path: Path) -> None:
