@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 # S3's limit for one DeleteObjects request.
 BATCH_SIZE = 1000
+# After the first key of a batch, how long to gather more before sending: an
+# ``rm`` of many files then makes a few full requests, not one per file while
+# the first ones are in flight (which cost more CPU than the unlinks).
+GATHER_SECONDS = 0.1
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 300.0
 
@@ -117,6 +121,8 @@ class DeleteQueue:
             if not self._queued:
                 self._work = trio.Event()
                 await self._work.wait()
+            if len(self._queued) < BATCH_SIZE:
+                await trio.sleep(GATHER_SECONDS)
             batch = list(self._queued)[:BATCH_SIZE]
             try:
                 errors = await self._send(batch)

@@ -188,6 +188,9 @@ class WriteBack:
         self._failures: dict[int, int] = {}
         self._in_flight: set[int] = set()
         self._wakeup = trio.Event()
+        # When run() wakes up next by itself: a later due time needs no wakeup
+        # (scheduling a thousand small files must not sort the queue a thousand times).
+        self._next_wake = -math.inf
         self._slots = trio.Semaphore(MAX_FILES_IN_FLIGHT)
         self.last_error: str | None = None
         self.uploaded_files = 0
@@ -199,8 +202,10 @@ class WriteBack:
         """Upload ``entry`` after ``delay`` (default: the write-back delay) unless it changes again."""
         if entry.unlinked:
             return
-        self._due[entry.id] = trio.current_time() + (self.delay if delay is None else delay)
-        self._wakeup.set()
+        due = trio.current_time() + (self.delay if delay is None else delay)
+        self._due[entry.id] = due
+        if due < self._next_wake:
+            self._wakeup.set()
 
     def forget(self, entry: Entry) -> None:
         self._due.pop(entry.id, None)
@@ -228,15 +233,18 @@ class WriteBack:
             task_status.started()
             while True:
                 now = trio.current_time()
-                for entry_id, due in sorted(self._due.items(), key=lambda item: item[1]):
-                    if due <= now and entry_id not in self._in_flight:
-                        del self._due[entry_id]
-                        self._in_flight.add(entry_id)
-                        nursery.start_soon(self._background_upload, entry_id)
+                ready = [(due, entry_id) for entry_id, due in self._due.items()
+                         if due <= now and entry_id not in self._in_flight]
+                for _due, entry_id in sorted(ready):
+                    del self._due[entry_id]
+                    self._in_flight.add(entry_id)
+                    nursery.start_soon(self._background_upload, entry_id)
                 next_due = min(self._due.values(), default=now + 3600)
                 self._wakeup = trio.Event()
-                with trio.move_on_at(max(next_due, now + 0.01)):
+                self._next_wake = max(next_due, now + 0.01)
+                with trio.move_on_at(self._next_wake):
                     await self._wakeup.wait()
+                self._next_wake = -math.inf  # awake: every change is seen on the next pass
 
     async def _background_upload(self, entry_id: int) -> None:
         try:
