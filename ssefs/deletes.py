@@ -89,13 +89,39 @@ class DeleteQueue:
         return len(self._queued) + len(self._in_flight)
 
     async def settle(self, object_key: str) -> None:
-        """Before ``object_key`` is written: drop its queued delete, or wait for one in flight."""
+        """Before ``object_key`` is written: drop its queued delete, or wait for one in flight.
+
+        A pending delete of an object named like one of its parent directories
+        ("a" before writing "a/" or "a/b") is sent first and waited for:
+        servers with a real directory tree (SeaweedFS) refuse a directory
+        where a file of that name still is.
+        """
+        parts = object_key.rstrip("/").split("/")
+        parents = ["/".join(parts[:count]) for count in range(1, len(parts))]
+        if object_key.endswith("/"):
+            parents.append(object_key.rstrip("/"))
+        for parent in parents:
+            if self.is_pending(parent):
+                await self._delete_now(parent)
         while (in_flight := self._in_flight.get(object_key)) is not None:
             await in_flight.wait()  # then look again: a failed delete is queued again
         if object_key in self._queued:
             del self._queued[object_key]
             if self._journal is not None:
                 self._journal.deletes_done([object_key])
+
+    async def _delete_now(self, object_key: str) -> None:
+        """Send the pending delete of ``object_key`` now (or wait for it in flight); raises if it fails."""
+        while True:
+            in_flight = self._in_flight.get(object_key)
+            if in_flight is not None:
+                await in_flight.wait()
+            elif object_key in self._queued:
+                errors = await self._send([object_key])
+                if errors:
+                    raise ServerUnavailable(f"delete of {object_key!r} failed: {errors[object_key]}")
+            else:
+                return
 
     # ------------------------------------------------------------------ sending
 

@@ -126,6 +126,25 @@ async def test_a_write_cancels_a_queued_delete_and_waits_for_one_in_flight() -> 
     assert server.batches == [["flying"]]
 
 
+async def test_a_pending_delete_of_a_parent_name_goes_out_before_the_write() -> None:
+    """SeaweedFS refuses directory "a/" (or "a/b") while a file "a" is still there: its delete goes first."""
+    server = FakeServer()
+    queue = DeleteQueue(server.delete_many)
+    for key in ("a", "x", "x/y", "unrelated", "x/y/z"):
+        queue.add(key)
+    await queue.settle("a/")
+    assert server.batches == [["a"]] and not queue.is_pending("a")
+    await queue.settle("x/y/z")  # its own delete is cancelled; its parents' deletes are sent
+    assert server.batches == [["a"], ["x"], ["x/y"]]
+    assert not queue.is_pending("x/y/z") and "x/y/z" not in server.deleted
+    assert queue.is_pending("unrelated")  # still waits for its batch
+    server.failing.add("b")
+    queue.add("b")
+    with pytest.raises(ServerUnavailable):
+        await queue.settle("b/c")  # the write must not go out while "b" may still be there
+    assert queue.is_pending("b")
+
+
 async def test_failed_deletes_are_retried_and_flush_reports_them() -> None:
     server, journal = FakeServer(), MemoryJournal()
     queue = DeleteQueue(server.delete_many)
