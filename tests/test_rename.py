@@ -102,6 +102,14 @@ def test_directory_rename_errors_and_replacing_an_empty_directory(
     assert (root / "plain").read_bytes() == b"plain file"
 
 
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def test_file_rename_replaces_the_target(
     endpoint: SeaweedEndpoint, bucket: str, key_file: Path, key_bytes: bytes, s3: Any, tmp_path: Path,
     mount_ssefs: MountFactory,
@@ -114,6 +122,7 @@ def test_file_rename_replaces_the_target(
     assert (root / "target.txt").read_bytes() == b"old content"
     assert not (root / "old.txt").exists()
     assert bytes(s3.get_object(Bucket=bucket, Key="target.txt", **sse)["Body"].read()) == b"old content"
+    fsync_directory(root)  # the old name's delete is queued; fsync of the directory waits for it
     assert keys(s3, bucket) == {"target.txt"}
     # An editor's save: write a temporary file, fsync, rename it over the original.
     with open(root / ".target.txt.swp", "wb") as temporary:
@@ -123,6 +132,7 @@ def test_file_rename_replaces_the_target(
     os.rename(root / ".target.txt.swp", root / "target.txt")
     assert (root / "target.txt").read_bytes() == b"saved by the editor"
     assert bytes(s3.get_object(Bucket=bucket, Key="target.txt", **sse)["Body"].read()) == b"saved by the editor"
+    fsync_directory(root)
     assert keys(s3, bucket) == {"target.txt"}
 
 
