@@ -162,16 +162,16 @@ def _lock_directory(directory: Path) -> IO[str]:
 
 
 def _unseal_file(path: Path, cipher: AESGCM, associated_data: bytes) -> bytes:
-    """Read and decrypt one block file (in a worker thread); InvalidTag if it is not intact."""
+    """Read and decrypt one block file (in a worker thread); InvalidTag if it is not intact.
+
+    Returns what was stored: the block without its trailing zeros (they read as zeros).
+    """
     sealed = path.read_bytes()
     if not sealed.startswith((BLOCK_MAGIC, WHOLE_BLOCK_MAGIC)):
         raise InvalidTag
     nonce = sealed[len(BLOCK_MAGIC):len(BLOCK_MAGIC) + NONCE_BYTES]
     # A view, not a slice: slicing would copy the whole block once more.
-    plaintext = cipher.decrypt(nonce, memoryview(sealed)[len(BLOCK_MAGIC) + NONCE_BYTES:], associated_data)
-    if len(plaintext) < BLOCK_SIZE:
-        plaintext += bytes(BLOCK_SIZE - len(plaintext))  # the trailing zeros that were not stored
-    return plaintext
+    return cipher.decrypt(nonce, memoryview(sealed)[len(BLOCK_MAGIC) + NONCE_BYTES:], associated_data)
 
 
 class CorruptBlock(SsefsError):
@@ -697,7 +697,7 @@ class BlockCache:
         return False
 
     async def read_block(self, entry: Entry, index: int) -> bytes | None:
-        """The block's plaintext (BLOCK_SIZE bytes), or None if not stored.
+        """The block's plaintext (up to BLOCK_SIZE bytes; the rest of the block is zeros), or None if not stored.
 
         Reading and decrypting run in a worker thread. A clean block that fails
         authentication is dropped (it will be fetched again); a dirty one raises

@@ -5,7 +5,10 @@ block kept in memory while a file is being written (so sequential writes seal
 each block once, not once per ``write()``), else from the cache, else, inside
 ``base_valid``, from the S3 object the entry is based on (one ranged GET), else
 it is zeros. A partial write into a block not yet cached fetches just that
-block; a write covering a whole block fetches nothing.
+block; a write covering a whole block fetches nothing. In memory a block is
+kept without its trailing zeros (as the disk cache stores it, and as the last
+block of an object arrives): a small file costs a few KiB, not 1 MiB, and
+``read`` puts the zeros back.
 
 Which fetched blocks go to the disk cache: blocks a read asks for one at a
 time (random reads, the start of a file) and everything of a small file are
@@ -137,9 +140,7 @@ class CachedFile:
         self.entry = entry
         self._fetch_from_object = fetch_blocks
         self._hot_index: int | None = None
-        # The hot block holds the block's bytes up to its last non-zero-filled
-        # one: the rest reads as zeros. A small file's block is then a few
-        # KiB, not 1 MiB to allocate, copy, seal and scan for trailing zeros.
+        # Like every block in memory, the hot block may stop short: the rest reads as zeros.
         self._hot = bytearray()
         # Blocks on their way from the hot block into the cache (as short as the hot block was).
         self._sealing: dict[int, bytes] = {}
@@ -189,12 +190,7 @@ class CachedFile:
         generation = entry.generation
         if available and entry.base_key is not None:
             pieces = await self._fetch_from_object(entry.base_key, start, available)
-        blocks = []
-        for number in range(count):
-            block = pieces[number] if number < len(pieces) else b""
-            if len(block) < BLOCK_SIZE:
-                block += bytes(BLOCK_SIZE - len(block))
-            blocks.append(block)
+        blocks = [pieces[number] if number < len(pieces) else b"" for number in range(count)]
         # A write or truncate while the GET was in flight may have changed some of these blocks.
         to_keep = [
             (first + number, block) for number, block in enumerate(blocks)
@@ -220,10 +216,10 @@ class CachedFile:
 
     async def _block(self, index: int, *, keep: bool = True) -> bytes:
         if index == self._hot_index:
-            return _whole_block(bytes(self._hot))
+            return bytes(self._hot)
         sealing = self._sealing.get(index)
         if sealing is not None:
-            return _whole_block(sealing)
+            return sealing
         fetching = self._inflight.get(index)
         if fetching is not None:
             await fetching.wait()
@@ -241,7 +237,7 @@ class CachedFile:
             self._plaintext.put(self.entry.uid, index, generation, stored)
             return stored
         if index * BLOCK_SIZE >= self.entry.base_valid:
-            return bytes(BLOCK_SIZE)
+            return b""
         # Read-ahead is prefetch()'s job; a miss here fetches just this block.
         return (await self._fetch_blocks(index, 1, keep=keep))[0]
 
@@ -336,7 +332,8 @@ class CachedFile:
             index, within = divmod(position, BLOCK_SIZE)
             count = min(end - position, BLOCK_SIZE - within)
             block = await self._block(index, keep=keep)
-            pieces.append(block[within:within + count])
+            piece = block[within:within + count]
+            pieces.append(piece if len(piece) == count else piece + bytes(count - len(piece)))
             position += count
         return b"".join(pieces)
 
@@ -383,8 +380,3 @@ class CachedFile:
             del hot[within:]
         self.cache.truncate(self.entry, size)
         self.entry.size = size
-
-
-def _whole_block(content: bytes) -> bytes:
-    """A block kept without its trailing zeros, as readers see it: BLOCK_SIZE bytes."""
-    return content if len(content) == BLOCK_SIZE else content + bytes(BLOCK_SIZE - len(content))
