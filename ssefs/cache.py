@@ -731,7 +731,7 @@ class BlockCache:
             return plaintext
 
     async def write_block(
-        self, entry: Entry, index: int, plaintext: bytes, *, dirty: bool,
+        self, entry: Entry, index: int, plaintext: bytes | bytearray, *, dirty: bool,
         still_wanted: Callable[[], bool] = lambda: True,
     ) -> bool:
         """Seal and store one block; call ``evict_clean``/``ensure_space`` first.

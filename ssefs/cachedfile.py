@@ -141,9 +141,10 @@ class CachedFile:
         self._fetch_from_object = fetch_blocks
         self._hot_index: int | None = None
         # Like every block in memory, the hot block may stop short: the rest reads as zeros.
-        self._hot = bytearray()
+        # A whole block written at once is held as the write's own bytes (no copy) until changed in part.
+        self._hot: bytes | bytearray = bytearray()
         # Blocks on their way from the hot block into the cache (as short as the hot block was).
-        self._sealing: dict[int, bytes] = {}
+        self._sealing: dict[int, bytes | bytearray] = {}
         # Fetched blocks on their way into the cache, with the generation they were fetched at.
         self._landing: dict[int, tuple[int, bytes]] = {}
         # Blocks being fetched ahead, and an event set when each fetch ends (however it ends).
@@ -153,7 +154,7 @@ class CachedFile:
 
     # ------------------------------------------------------------------ blocks
 
-    async def _store(self, index: int, plaintext: bytes, *, dirty: bool,
+    async def _store(self, index: int, plaintext: bytes | bytearray, *, dirty: bool,
                      still_wanted: Callable[[], bool] = lambda: True) -> bool:
         # Never waits for space: callers hold the entry lock, which an upload
         # that would free space needs. Writers wait for space before taking the lock.
@@ -163,7 +164,7 @@ class CachedFile:
             # A fetched block stored only if untouched is the block's current
             # content: keep it in memory for the reader that asked for it (this
             # also replaces copies remembered while it was being stored).
-            self._plaintext.put(self.entry.uid, index, self.entry.generation, plaintext)
+            self._plaintext.put(self.entry.uid, index, self.entry.generation, bytes(plaintext))
         elif stored:
             # Written blocks are not kept (a writer rarely reads back); drop older copies.
             self._forget_plaintext(index)
@@ -219,7 +220,7 @@ class CachedFile:
             return bytes(self._hot)
         sealing = self._sealing.get(index)
         if sealing is not None:
-            return sealing
+            return bytes(sealing)
         fetching = self._inflight.get(index)
         if fetching is not None:
             await fetching.wait()
@@ -250,7 +251,18 @@ class CachedFile:
                 self._hot = bytearray(await self._block(index, keep=False))
             self._hot_index = index
             self._forget_plaintext(index)
-        return self._hot
+        hot = self._hot
+        if not isinstance(hot, bytearray):
+            hot = self._hot = bytearray(hot)  # a whole block a write handed over, now changed in part
+        return hot
+
+    async def _hold_whole_block(self, index: int, content: bytes) -> None:
+        """A write of exactly one whole block: its bytes become the hot block as they are."""
+        if self._hot_index != index:
+            await self.seal_hot()
+            self._hot_index = index
+            self._forget_plaintext(index)
+        self._hot = content
 
     def _forget_plaintext(self, index: int) -> None:
         """The block is about to change within this generation: drop in-memory copies of it."""
@@ -260,7 +272,7 @@ class CachedFile:
         """Write the hot block to the cache (dirty); before sync, upload or switching blocks."""
         if self._hot_index is None:
             return
-        index, content = self._hot_index, bytes(self._hot)
+        index, content = self._hot_index, self._hot
         self._hot_index, self._hot = None, bytearray()
         # Readers see the block here until it is in the cache.
         self._sealing[index] = content
@@ -349,10 +361,13 @@ class CachedFile:
             index, within = divmod(position, BLOCK_SIZE)
             count = min(len(view), BLOCK_SIZE - within)
             whole = within == 0 and count == BLOCK_SIZE
-            hot = await self._make_hot(index, overwrite_whole=whole)
-            if len(hot) < within:
-                hot.extend(bytes(within - len(hot)))  # the gap before the write reads as zeros
-            hot[within:within + count] = view[:count]
+            if whole and count == len(data) and isinstance(data, bytes):
+                await self._hold_whole_block(index, data)
+            else:
+                hot = await self._make_hot(index, overwrite_whole=whole)
+                if len(hot) < within:
+                    hot.extend(bytes(within - len(hot)))  # the gap before the write reads as zeros
+                hot[within:within + count] = view[:count]
             view = view[count:]
             position += count
             # Per block, so the size saved when this block is sealed already covers it.

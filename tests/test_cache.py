@@ -183,6 +183,25 @@ async def test_random_operations_match_model(cache: BlockCache) -> None:
     assert entry.dirty
 
 
+async def test_whole_block_writes_then_partial_changes_in_the_same_block(cache: BlockCache) -> None:
+    """A write of exactly one block is held as it is; a later partial write into it works on a copy."""
+    entry = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, entry, FakeS3().fetch_range)
+    first, second = random.Random(3).randbytes(BLOCK_SIZE), random.Random(4).randbytes(BLOCK_SIZE)
+    kept = bytes(first)
+    await cached.write(0, first)
+    await cached.write(100, b"patch")  # into the held block
+    await cached.write(BLOCK_SIZE, second)  # seals block 0, holds block 1
+    await cached.write(2 * BLOCK_SIZE - 3, b"end")
+    model = bytearray(first + second)
+    model[100:105] = b"patch"
+    model[2 * BLOCK_SIZE - 3:] = b"end"
+    assert first == kept  # the caller's bytes were not changed
+    assert await cached.read(0, 2 * BLOCK_SIZE) == bytes(model)
+    await cached.seal_hot()
+    assert await CachedFile(cache, entry, FakeS3().fetch_range).read(0, 2 * BLOCK_SIZE) == bytes(model)
+
+
 async def test_reads_past_the_end_are_short(cache: BlockCache) -> None:
     base = random.Random(1).randbytes(BLOCK_SIZE + 1000)
     fake = FakeS3({OBJECT: base})
