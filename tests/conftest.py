@@ -81,6 +81,15 @@ def server_bytes(s3: Any, bucket: str, key: str, sse_key: bytes) -> bytes:
     return bytes(response["Body"].read())
 
 
+def fsync_directory(path: Path) -> None:
+    """fsync of a directory: returns once S3 has confirmed the deletes queued under it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def eventually_on_server(s3: Any, bucket: str, key: str, sse_key: bytes, expected: bytes | bytearray,
                          timeout: float = 30.0) -> None:
     """Write-back uploads a few seconds after close: wait until the server holds ``expected``."""

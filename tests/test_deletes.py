@@ -27,7 +27,7 @@ from ssefs.errors import NoSuchObject, ServerUnavailable
 from ssefs.keys import SseKey
 from ssefs.seaweed import SeaweedEndpoint
 
-from .conftest import Mount, eventually_on_server, keys, server_bytes, sse_params, write_config
+from .conftest import Mount, eventually_on_server, fsync_directory, keys, server_bytes, sse_params, write_config
 from .proxy import TcpProxy
 from .test_store import make_store
 
@@ -227,14 +227,6 @@ async def test_pending_keys_read_as_absent_and_a_write_cancels_their_delete(
 
 
 # ---------------------------------------------------------------------- through a mount
-
-
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture

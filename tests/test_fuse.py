@@ -22,7 +22,7 @@ import pytest
 
 from ssefs.seaweed import SeaweedEndpoint, SeaweedServer
 
-from .conftest import Mount, eventually_on_server, send_signal_and_wait, sse_params, write_config
+from .conftest import Mount, eventually_on_server, fsync_directory, send_signal_and_wait, sse_params, write_config
 
 pytestmark = pytest.mark.fuse
 
@@ -86,6 +86,7 @@ def test_cp_ls_cat_mkdir_rm_round_trip(
     assert caught.value.errno == errno.ENOTEMPTY
     run("rm", "-r", str(mnt / "docs"))
     assert os.listdir(mnt) == []
+    fsync_directory(mnt)  # the deletes are queued; this returns once S3 has them
     assert client_error_status(lambda: s3.head_object(Bucket=bucket, Key="copy.bin", **sse_params(key_bytes))) == 404
 
 
@@ -210,6 +211,7 @@ def test_implicit_directories_markers_and_rename(
     os.rename(mnt / "a" / "b" / "c.txt", mnt / "marker" / "moved.txt")
     assert (mnt / "marker" / "moved.txt").read_bytes() == b"deep"
     eventually_on_server(s3, bucket, "marker/moved.txt", key_bytes, b"deep")
+    fsync_directory(mnt / "a" / "b")
     assert client_error_status(lambda: s3.head_object(Bucket=bucket, Key="a/b/c.txt", **sse_params(key_bytes))) == 404
     run("mv", str(mnt / "marker"), str(mnt / "renamed-dir"))
     assert (mnt / "renamed-dir" / "moved.txt").read_bytes() == b"deep"

@@ -15,7 +15,7 @@ import pytest
 
 from ssefs.seaweed import SeaweedEndpoint
 
-from .conftest import Mount, keys, sse_params, write_config
+from .conftest import Mount, fsync_directory, keys, sse_params, write_config
 
 pytestmark = pytest.mark.fuse
 
@@ -100,14 +100,6 @@ def test_directory_rename_errors_and_replacing_an_empty_directory(
     assert not (root / "a").exists()
     assert (root / "full/x").read_bytes() == b"x"
     assert (root / "plain").read_bytes() == b"plain file"
-
-
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def test_file_rename_replaces_the_target(

@@ -27,7 +27,7 @@ import pytest
 
 from ssefs.seaweed import SeaweedEndpoint
 
-from .conftest import Mount, keys, server_bytes, sse_params, write_config
+from .conftest import Mount, fsync_directory, keys, server_bytes, sse_params, write_config
 
 pytestmark = pytest.mark.fuse
 
@@ -567,6 +567,7 @@ def open_then_unlink(mnt: Path, s3: Any, bucket: str, key_bytes: bytes, uploaded
     os.unlink(path)
     assert "victim.bin" not in os.listdir(mnt)
     assert not path.exists()
+    fsync_directory(mnt)
     assert "victim.bin" not in keys(s3, bucket)
     return fd
 
@@ -669,6 +670,7 @@ def test_mv_between_directories_and_over_an_existing_file(
     run("mv", str(mnt / "src/moved.bin"), str(mnt / "elsewhere/moved.bin"))
     assert (mnt / "elsewhere/moved.bin").read_bytes() == moved
     assert os.listdir(mnt / "src") == ["other.txt"]
+    fsync_directory(mnt / "src")
     assert file_keys(s3, bucket) == {"src/other.txt", "dst/existing.bin", "elsewhere/moved.bin"}
     assert server_bytes(s3, bucket, "elsewhere/moved.bin", key_bytes) == moved
 
@@ -676,6 +678,7 @@ def test_mv_between_directories_and_over_an_existing_file(
     assert (mnt / "dst/existing.bin").read_bytes() == moved
     assert os.listdir(mnt / "dst") == ["existing.bin"]
     assert os.listdir(mnt / "elsewhere") == []
+    fsync_directory(mnt / "elsewhere")
     assert file_keys(s3, bucket) == {"src/other.txt", "dst/existing.bin"}
     assert server_bytes(s3, bucket, "dst/existing.bin", key_bytes) == moved
 
