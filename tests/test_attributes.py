@@ -28,7 +28,7 @@ import pytest
 
 from ssefs.seaweed import SeaweedEndpoint
 
-from .conftest import Mount, sse_params, unmount, write_config
+from .conftest import Mount, fsync_directory, sse_params, unmount, write_config
 from .proxy import TcpProxy
 
 pytestmark = pytest.mark.fuse
@@ -421,6 +421,7 @@ def test_rewriting_and_renaming_keep_mode_and_owner(
     assert_stat(mnt / "renamed.txt", mode=0o100600, uid=1234, gid=5678, mtime_ns=1_600_000_000 * 10**9)
     assert_metadata(dict(head(s3, bucket, "renamed.txt", key_bytes)["Metadata"]),
                     mode=0o100600, uid=1234, gid=5678, mtime_ns=1_600_000_000 * 10**9)
+    fsync_directory(mnt)  # the old name's delete is queued
     assert not exists_on_server(s3, bucket, "moved.txt", key_bytes)
 
     # chmod on a file open for writing but not yet written, then a write: the upload keeps the new mode.
