@@ -206,7 +206,7 @@ class Entry:
     owner_uid: int | None = None
     owner_gid: int | None = None
     sealed_xattrs: str | None = None
-    # The entry's row as last saved with a full sync: a sync with nothing new to save skips the fsync.
+    # The entry's row as the last ``sync`` made it durable: a sync with nothing new skips the fsyncs.
     durable_row: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -252,10 +252,10 @@ class BlockCache:
         self._db = sqlite3.connect(self.directory / "journal.sqlite", isolation_level=None)
         os.chmod(self.directory / "journal.sqlite", 0o600)
         self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: single statements commit without an fsync; ``sync`` commits
-        # with FULL, which fsyncs the write-ahead log and with it every earlier commit.
+        # NORMAL: single statements commit without an fsync; ``sync`` and
+        # ``sync_journal`` fsync the write-ahead log, and with it every commit so far.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        # sqlite's count of rows changed when ``sync`` last committed with FULL.
+        # sqlite's count of rows changed at the commit the last ``sync`` made durable.
         self._changes_when_synced: int | None = None
         self._db.executescript(SCHEMA)
         self._add_missing_columns()
