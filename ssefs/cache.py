@@ -544,10 +544,11 @@ class BlockCache:
         """New mode, owner or time for a file whose data is not uploaded yet: they go with the upload.
 
         A change of attributes alone is a change to upload, like a write.
+        Committed without an fsync: ``sync_journal`` makes it durable.
         """
         entry.set_attributes(attributes)
         entry.generation += 1
-        self._save_entry(entry, durable=True)
+        self._save_entry(entry)
 
     def record_change(self, entry: Entry, *, size: int | None = None) -> None:
         """Note a write or truncate in memory; ``sync`` makes it durable."""
@@ -619,23 +620,16 @@ class BlockCache:
                 entry.generation, entry.uploaded_generation, entry.owner_mode, entry.owner_uid, entry.owner_gid,
                 entry.sealed_xattrs, entry.id)
 
-    def _save_entry(self, entry: Entry, *, durable: bool = False) -> None:
+    def _save_entry(self, entry: Entry) -> None:
+        """Commit the entry's row (no fsync: ``sync`` and ``sync_journal`` make commits durable)."""
         if entry.id not in self._entries:
             return
-        row = self._entry_row(entry)
-        if durable:
-            self._db.execute("PRAGMA synchronous=FULL")
-        try:
-            self._db.execute(
-                "UPDATE entries SET base_key = ?, base_etag = ?, base_valid = ?, size = ?, mtime = ?, mtime_ns = ?, "
-                "generation = ?, uploaded_generation = ?, file_mode = ?, file_uid = ?, file_gid = ?, file_xattrs = ? "
-                "WHERE id = ?",
-                row,
-            )
-        finally:
-            if durable:
-                self._db.execute("PRAGMA synchronous=NORMAL")
-        entry.durable_row = None
+        self._db.execute(
+            "UPDATE entries SET base_key = ?, base_etag = ?, base_valid = ?, size = ?, mtime = ?, mtime_ns = ?, "
+            "generation = ?, uploaded_generation = ?, file_mode = ?, file_uid = ?, file_gid = ?, file_xattrs = ? "
+            "WHERE id = ?",
+            self._entry_row(entry),
+        )
 
     def mark_uploaded(self, entry: Entry, generation: int, *, etag: str, size: int) -> None:
         """Generation ``generation`` is now the object in S3: its blocks turn clean.

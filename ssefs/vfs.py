@@ -605,6 +605,7 @@ class Filesystem:
         if entry is not None and (entry.dirty or not node.etag):
             async with entry.lock:
                 self.cache.change_attributes(entry, wanted)
+            await self.cache.sync_journal()
             if not entry.open_writers:
                 self.writeback.schedule(entry)
         else:
