@@ -62,6 +62,14 @@ class SseKey:
             "SSECustomerKeyMD5": self._md5_b64,
         }
 
+    def sse_headers(self) -> dict[str, str]:
+        """The same three values as the HTTP headers of a request sent without boto3."""
+        return {
+            "x-amz-server-side-encryption-customer-algorithm": SSE_ALGORITHM,
+            "x-amz-server-side-encryption-customer-key": self._b64,
+            "x-amz-server-side-encryption-customer-key-MD5": self._md5_b64,
+        }
+
     def copy_source_params(self) -> dict[str, str]:
         """boto3 parameters naming this key as the key of a copy source."""
         return {

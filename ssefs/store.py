@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import boto3
+import botocore.credentials
 import botocore.exceptions
 import botocore.session
 import botocore.utils
@@ -53,6 +54,7 @@ from .errors import (
     unwrap_group,
 )
 from .keys import KeyRing, SseKey
+from .quickhead import NOT_FOUND, QuickHead
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +204,25 @@ class ObjectStore:
                 response_checksum_validation="when_required",
             ),
             **credentials,
+        )
+        self._quick_head = self._make_quick_head(session, credentials)
+
+    def _make_quick_head(self, session: boto3.session.Session, explicit: dict[str, str]) -> QuickHead | None:
+        """The lean HEAD path, or None where it cannot follow the client (proxy, no credentials yet)."""
+        if not QuickHead.usable_for(self.settings.endpoint):
+            log.info("a proxy is set for %s: HEAD requests go through boto3", self.settings.endpoint)
+            return None
+        credentials = (
+            botocore.credentials.Credentials(explicit["aws_access_key_id"], explicit["aws_secret_access_key"])
+            if explicit else session.get_credentials()
+        )
+        if credentials is None:
+            return None  # boto3 reports the missing credentials on the first request
+        return QuickHead(
+            self._client, credentials, self.bucket,
+            ca_bundle=str(self.settings.ca_bundle) if self.settings.ca_bundle else None,
+            max_connections=self.settings.max_connections,
+            connect_timeout=self.settings.connect_timeout, read_timeout=self.settings.read_timeout,
         )
 
     @property
@@ -378,13 +399,21 @@ class ObjectStore:
         self._refuse_pending("HeadObject", object_key)
 
         async def attempt(sse_key: SseKey) -> ObjectInfo:
-            response = await self._call(
-                "HeadObject",
-                object_key,
-                functools.partial(
-                    self._client.head_object, Bucket=self.bucket, Key=object_key, **sse_key.sse_params()
-                ),
-            )
+            quick = None
+            if self._quick_head is not None:
+                quick = await trio.to_thread.run_sync(self._quick_head.head, object_key, sse_key, limiter=self.limiter)
+                if quick == NOT_FOUND:
+                    raise NoSuchObject(f"HeadObject {object_key!r} in bucket {self.bucket}: no such object")
+            if isinstance(quick, dict):
+                response = quick
+            else:  # boto3 retries, and explains, what the quick path could not answer
+                response = await self._call(
+                    "HeadObject",
+                    object_key,
+                    functools.partial(
+                        self._client.head_object, Bucket=self.bucket, Key=object_key, **sse_key.sse_params()
+                    ),
+                )
             self._check_echo("HeadObject", object_key, response, key=sse_key)
             return _info_from_head(object_key, response)
 

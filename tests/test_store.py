@@ -276,3 +276,73 @@ def test_the_times_s3_sends_never_need_the_slow_parser(text: str, monkeypatch: p
 
     monkeypatch.setattr(botocore.utils, "parse_timestamp", slow_parser)
     assert parse_s3_time(text) == expected
+
+
+QUICK_HEAD_NAMES = ["plain.txt", "with space/and+plus", "percent%20sign", "unicode/ünï 😀", "tilde~(paren)'q'",
+                    "a=b&c?d#e", "*star,comma;semi", "dir/sub/deep.bin", ".hidden"]
+
+
+async def test_the_quick_head_answers_exactly_like_boto3(endpoint: SeaweedEndpoint, bucket: str,
+                                                         sse_key: SseKey, key_bytes: bytes, s3: Any) -> None:
+    """HEADs skip botocore's per-call machinery; the answer must be the one boto3 would give, for any name."""
+    from ssefs.quickhead import NOT_FOUND
+    from ssefs.store import _info_from_head
+
+    store = make_store(endpoint, bucket, sse_key)
+    assert store._quick_head is not None
+    for index, name in enumerate(QUICK_HEAD_NAMES):
+        s3.put_object(Bucket=bucket, Key=name, Body=b"x" * index, Metadata={"mode": str(0o100600 + index),
+                      "mtime": f"{index}.5"}, **sse_params(key_bytes))
+    answered: list[str] = []
+    quick = store._quick_head.head
+
+    def counting(object_key: str, key: SseKey) -> Any:
+        answer = quick(object_key, key)
+        assert isinstance(answer, dict), (object_key, answer)
+        answered.append(object_key)
+        return answer
+
+    store._quick_head.head = counting  # type: ignore[method-assign]
+    for name in QUICK_HEAD_NAMES:
+        through_boto3 = store._client.head_object(Bucket=bucket, Key=name, **sse_key.sse_params())
+        assert await store.head(name) == _info_from_head(name, through_boto3)
+        assert (await store.head(name)).metadata["mode"] == str(0o100600 + QUICK_HEAD_NAMES.index(name))
+    assert answered == [name for name in QUICK_HEAD_NAMES for _ in range(2)]
+    store._quick_head.head = quick  # type: ignore[method-assign]
+    assert quick("missing/name", sse_key) == NOT_FOUND
+    with pytest.raises(NoSuchObject, match="no such object"):
+        await store.head("missing/name")
+
+
+async def test_the_quick_head_leaves_refusals_and_failures_to_boto3(
+    endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, s3: Any
+) -> None:
+    """A 403 (another key), odd paths and an unreachable server go to boto3, which asks again and explains;
+    an object stored without SSE-C is refused by the echo check either way."""
+    store = make_store(endpoint, bucket, sse_key)
+    assert store._quick_head is not None
+    s3.put_object(Bucket=bucket, Key="foreign", Body=b"f", **sse_params(secrets.token_bytes(32)))
+    s3.put_object(Bucket=bucket, Key="plain", Body=b"p")
+    for name in ("foreign", "dots/../x"):  # the last one urllib3 would resolve to "x"
+        assert store._quick_head.head(name, sse_key) is None
+    plain = store._quick_head.head("plain", sse_key)  # SeaweedFS answers 200 without the echo of our key
+    assert isinstance(plain, dict) and not plain["SSECustomerKeyMD5"]
+    with pytest.raises(WrongKey):
+        await store.head("foreign")
+    with pytest.raises(NotEncrypted):
+        await store.head("plain")
+    unreachable = make_store(endpoint, bucket, sse_key, endpoint_url="https://127.0.0.1:9", max_attempts=1,
+                             connect_timeout=1.0)
+    assert unreachable._quick_head is not None and unreachable._quick_head.head("x", sse_key) is None
+    with pytest.raises(ServerUnavailable, match="cannot reach"):
+        await unreachable.head("x")
+
+
+def test_no_quick_head_through_a_proxy(endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert make_store(endpoint, bucket, sse_key)._quick_head is None
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    assert make_store(endpoint, bucket, sse_key)._quick_head is not None
