@@ -432,29 +432,21 @@ class Filesystem:
         if not missing:
             return
         learned: list[tuple[str, str, FileAttributes, float]] = []
-
-        async def head(listed: DirectoryEntry) -> None:
-            try:
-                info = await self.store.head(prefix + listed.name)
-            except (WrongKey, NotEncrypted) as error:
+        answers = await self.store.head_many([prefix + listed.name for listed in missing])
+        for listed in missing:
+            answer = answers[prefix + listed.name]
+            if isinstance(answer, (WrongKey, NotEncrypted)):
                 # It lists with the mount's defaults; reading it reports the problem (once, in fs.py).
-                log.debug("no attributes for %r: %s", prefix + listed.name, error)
+                log.debug("no attributes for %r: %s", prefix + listed.name, answer)
                 if len(self._attributes_unreadable) >= MAX_UNREADABLE_REMEMBERED:
                     self._attributes_unreadable.clear()
                 self._attributes_unreadable[prefix + listed.name] = listed.etag
-                return
-            except SsefsError as error:
-                log.debug("no attributes for %r: %s", prefix + listed.name, error)
-                return
-            listed.attributes = from_metadata(info.metadata)
-            learned.append((prefix + listed.name, info.etag, listed.attributes, info.mtime))
-
-        try:
-            async with trio.open_nursery() as nursery:
-                for listed in missing:
-                    nursery.start_soon(head, listed)
-        finally:
-            self.metadata.put_many(learned)
+            elif isinstance(answer, SsefsError):
+                log.debug("no attributes for %r: %s", prefix + listed.name, answer)
+            else:
+                listed.attributes = from_metadata(answer.metadata)
+                learned.append((prefix + listed.name, answer.etag, listed.attributes, answer.mtime))
+        self.metadata.put_many(learned)
 
     # ------------------------------------------------------------------ open files
 

@@ -13,7 +13,7 @@ from ssefs.config import S3Settings
 from ssefs.errors import NoSuchObject, NotEncrypted, ServerUnavailable, StartupCheckError, WrongKey
 from ssefs.keys import SseKey
 from ssefs.seaweed import SeaweedEndpoint
-from ssefs.store import ObjectStore, _echoed_md5_matches
+from ssefs.store import ObjectInfo, ObjectStore, _echoed_md5_matches
 
 from .conftest import sse_params
 
@@ -346,3 +346,29 @@ def test_no_quick_head_through_a_proxy(endpoint: SeaweedEndpoint, bucket: str, s
     assert make_store(endpoint, bucket, sse_key)._quick_head is None
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     assert make_store(endpoint, bucket, sse_key)._quick_head is not None
+
+
+async def test_head_many_answers_each_key_like_head(endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey,
+                                                    s3: Any) -> None:
+    store = make_store(endpoint, bucket, sse_key)
+    names = [f"many/{index:03d}" for index in range(40)]
+    for index, name in enumerate(names):
+        await store.put(name, b"y" * index, {"mode": str(index)})
+    s3.put_object(Bucket=bucket, Key="many/foreign", Body=b"f", **sse_params(secrets.token_bytes(32)))
+    s3.put_object(Bucket=bucket, Key="many/plain", Body=b"p")
+    store.deletes.add("many/000")  # queued for deletion: reads as absent at once
+    answers = await store.head_many([*names, "many/foreign", "many/plain", "many/missing"])
+    assert len(answers) == len(names) + 3
+    for index, name in enumerate(names[1:], start=1):
+        answer = answers[name]
+        assert isinstance(answer, ObjectInfo) and answer.size == index and answer.metadata == {"mode": str(index)}
+        assert answer == await store.head(name)
+    assert isinstance(answers["many/000"], NoSuchObject)
+    assert isinstance(answers["many/foreign"], WrongKey)
+    assert isinstance(answers["many/plain"], NotEncrypted)
+    assert isinstance(answers["many/missing"], NoSuchObject)
+    store._quick_head = None  # without the quick path, the same answers through boto3
+    again = await store.head_many([*names, "many/foreign", "many/plain", "many/missing"])
+    assert {name: type(answer) for name, answer in again.items()} == {
+        name: type(answer) for name, answer in answers.items()}
+    assert all(again[name] == answers[name] for name in names[1:])
