@@ -372,3 +372,20 @@ async def test_head_many_answers_each_key_like_head(endpoint: SeaweedEndpoint, b
     assert {name: type(answer) for name, answer in again.items()} == {
         name: type(answer) for name, answer in answers.items()}
     assert all(again[name] == answers[name] for name in names[1:])
+
+
+async def test_the_listing_model_is_loaded_at_the_bucket_check(
+    endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading botocore's paginator model costs about 0.25 s: the start-up check pays it, not the first `ls`."""
+    import botocore.loaders
+
+    store = make_store(endpoint, bucket, sse_key)
+    await store.put("listed", b"x")
+    await store.check_bucket()
+
+    def no_more_loading(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a botocore model was loaded after the start-up check")
+
+    monkeypatch.setattr(botocore.loaders.Loader, "load_service_model", no_more_loading)
+    assert [info.key for info in (await store.list_children("")).objects] == ["listed"]
