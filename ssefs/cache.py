@@ -3,7 +3,11 @@
 Layout of the cache directory (created 0700; files 0600):
 ``journal.sqlite`` records the cache's identity (which bucket and which key it
 belongs to), one row per cached object (an *entry*) and one row per stored
-block; ``blocks/<entry id>/<block index>`` holds one block each.
+block; ``blocks/<entry id>/<block index>`` holds one block each, except that a
+block of at most ``INLINE_LIMIT`` bytes (a small file, the short tail of a large
+one) is sealed into its journal row instead: one commit and one fsync of the
+journal's log make it durable, where a file costs a directory, a rename and two
+more fsyncs.
 
 Every block is 1 MiB of plaintext sealed with AES-256-GCM under a per-file key
 (HKDF of a cache key that is itself derived from the mount's SSE-C key with
@@ -23,11 +27,11 @@ clean once generation g has been uploaded; only clean blocks are evicted.
 Crash safety: a block file is written to a temporary name and renamed, and its
 journal row is written after it, so the journal never points at a missing
 block. On close and fsync the caller seals the in-memory hot block and calls
-``sync``, which fsyncs the block files written since and commits the entry's
-generation durably, so
-after ``kill -9`` or a power cut every closed or fsynced write is found again.
-Block files without a journal row (a crash between the two steps) are removed
-at start.
+``sync``, which fsyncs the block files written since and the journal's log,
+which holds the entry's generation and the inline blocks, so after ``kill -9``
+or a power cut every closed or fsynced write is found again. Block files
+without a journal row (a crash between the two steps), or whose row now holds
+the block inline, are removed at start.
 
 Size bound: clean blocks are evicted least-recently-used first. Writers call
 ``ensure_space`` *before* taking ``Entry.lock`` (the uploader that frees space
@@ -81,6 +85,9 @@ FORMAT_VERSION = "2"
 # are read. An older ssefs refuses version 2 blocks rather than misread them.
 BLOCK_MAGIC = b"SSEFSB2\0"
 WHOLE_BLOCK_MAGIC = b"SSEFSB1\0"
+# Blocks whose plaintext (without trailing zeros) is at most this long are sealed into their
+# journal row rather than a file of their own.
+INLINE_LIMIT = 64 * 1024
 # Object keys never start with NUL: entries of files unlinked while open are renamed under it.
 UNLINKED_PREFIX = "\0unlinked/"
 
@@ -116,6 +123,7 @@ CREATE TABLE IF NOT EXISTS blocks (
     block_index INTEGER NOT NULL,
     stored_bytes INTEGER NOT NULL,
     write_generation INTEGER NOT NULL,
+    data BLOB,
     PRIMARY KEY (entry_id, block_index)
 );
 """
@@ -162,11 +170,15 @@ def _lock_directory(directory: Path) -> IO[str]:
 
 
 def _unseal_file(path: Path, cipher: AESGCM, associated_data: bytes) -> bytes:
-    """Read and decrypt one block file (in a worker thread); InvalidTag if it is not intact.
+    """Read and decrypt one block file (in a worker thread); InvalidTag if it is not intact."""
+    return _unseal(path.read_bytes(), cipher, associated_data)
+
+
+def _unseal(sealed: bytes, cipher: AESGCM, associated_data: bytes) -> bytes:
+    """Decrypt one sealed block; InvalidTag if it is not intact.
 
     Returns what was stored: the block without its trailing zeros (they read as zeros).
     """
-    sealed = path.read_bytes()
     if not sealed.startswith((BLOCK_MAGIC, WHOLE_BLOCK_MAGIC)):
         raise InvalidTag
     nonce = sealed[len(BLOCK_MAGIC):len(BLOCK_MAGIC) + NONCE_BYTES]
@@ -236,12 +248,15 @@ class BlockInfo:
     stored_bytes: int
     # The entry generation of the last write into this block; 0 for a block fetched clean.
     write_generation: int
+    # Sealed into its journal row (INLINE_LIMIT), not a file of its own.
+    inline: bool = False
 
 
 class BlockCache:
     """Encrypted blocks of cached objects, with their journal."""
 
-    def __init__(self, directory: Path, keys: KeyRing | SseKey, *, identity: str, max_size: int) -> None:
+    def __init__(self, directory: Path, keys: KeyRing | SseKey, *, identity: str, max_size: int,
+                 inline_limit: int = INLINE_LIMIT) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.directory, 0o700)
@@ -249,6 +264,7 @@ class BlockCache:
         self.blocks_dir = self.directory / "blocks"
         self.blocks_dir.mkdir(exist_ok=True, mode=0o700)
         self.max_size = max_size
+        self.inline_limit = inline_limit
         ring = keys if isinstance(keys, KeyRing) else KeyRing(keys)
         self._ciphers: dict[bytes, AESGCM] = {}
         self._db = sqlite3.connect(self.directory / "journal.sqlite", isolation_level=None)
@@ -284,12 +300,14 @@ class BlockCache:
     # ------------------------------------------------------------------ start-up
 
     def _add_missing_columns(self) -> None:
-        """Caches written before file attributes were kept get the columns (empty)."""
+        """Caches written before file attributes (or inline blocks) were kept get the columns (empty)."""
         present = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
         for column, kind in (("file_mode", "INTEGER"), ("file_uid", "INTEGER"), ("file_gid", "INTEGER"),
                              ("file_xattrs", "TEXT"), ("mtime_ns", "INTEGER")):
             if column not in present:
                 self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
+        if "data" not in {row[1] for row in self._db.execute("PRAGMA table_info(blocks)")}:
+            self._db.execute("ALTER TABLE blocks ADD COLUMN data BLOB")
 
     def _check_identity(self, identity: str, ring: KeyRing) -> bytes:
         """Check the cache is this mount's, and return the key its blocks are sealed with.
@@ -349,18 +367,18 @@ class BlockCache:
             entry.owner_mode, entry.owner_uid, entry.owner_gid, entry.sealed_xattrs = row[10:]
             self._entries[entry.id] = entry
             self._by_key[entry.object_key] = entry
-        for entry_id, index, stored_bytes, write_generation in self._db.execute(
-            "SELECT entry_id, block_index, stored_bytes, write_generation FROM blocks"
+        for entry_id, index, stored_bytes, write_generation, inline in self._db.execute(
+            "SELECT entry_id, block_index, stored_bytes, write_generation, data IS NOT NULL FROM blocks"
         ).fetchall():
             owner = self._entries.get(entry_id)
-            if owner is not None and not self._block_path(entry_id, index).exists() \
-                    and write_generation > owner.uploaded_generation:
+            present = bool(inline) or self._block_path(entry_id, index).exists()
+            if owner is not None and not present and write_generation > owner.uploaded_generation:
                 log.error("cached block %d of %r (not yet uploaded) is missing from %s",
                           index, owner.object_key, self.blocks_dir)
-            if owner is None or not self._block_path(entry_id, index).exists():
+            if owner is None or not present:
                 self._db.execute("DELETE FROM blocks WHERE entry_id = ? AND block_index = ?", (entry_id, index))
                 continue
-            self._blocks[(entry_id, index)] = BlockInfo(stored_bytes, write_generation)
+            self._blocks[(entry_id, index)] = BlockInfo(stored_bytes, write_generation, bool(inline))
             self._entry_blocks.setdefault(entry_id, set()).add(index)
             self.used_bytes += stored_bytes
             # Blocks written after the entry's last sync (the daemon died before the
@@ -380,7 +398,8 @@ class BlockCache:
             entry_id = int(entry_dir.name) if entry_dir.name.isdigit() else -1
             for block_file in entry_dir.iterdir():
                 index = int(block_file.name) if block_file.name.isdigit() else -1
-                if (entry_id, index) not in self._blocks:
+                info = self._blocks.get((entry_id, index))
+                if info is None or info.inline:  # no row, or a row that replaced the file by an inline block
                     block_file.unlink()
             if entry_id not in self._entries:
                 entry_dir.rmdir()
@@ -569,7 +588,7 @@ class BlockCache:
         do, without stalling every other request for it). A sync with nothing
         new since the last one (release right after flush) does nothing.
         """
-        paths = [self._block_path(entry.id, index) for index in entry.unsynced]
+        paths = [self._block_path(entry.id, index) for index in entry.unsynced]  # file blocks only
         entry.unsynced.clear()
         row = self._entry_row(entry)
         if not paths and row == entry.durable_row and self._db.total_changes == self._changes_when_synced:
@@ -710,16 +729,20 @@ class BlockCache:
                 return None
             path = self._block_path(entry.id, index)
             try:
-                plaintext = await trio.to_thread.run_sync(
-                    _unseal_file, path, self._cipher(entry), self._associated_data(entry, index)
-                )
+                if info.inline:  # small: read and decrypted here, in microseconds
+                    plaintext = _unseal(self._inline_data(entry, index), self._cipher(entry),
+                                        self._associated_data(entry, index))
+                else:
+                    plaintext = await trio.to_thread.run_sync(
+                        _unseal_file, path, self._cipher(entry), self._associated_data(entry, index)
+                    )
             except (InvalidTag, FileNotFoundError):
                 if self._blocks.get((entry.id, index)) is not info:
                     continue  # replaced or dropped while being read: look again
                 if info.write_generation > entry.uploaded_generation:
                     raise CorruptBlock(
                         f"cached block {index} of {entry.object_key!r} (not yet uploaded) is damaged on local "
-                        f"disk ({path})"
+                        f"disk ({self.directory / 'journal.sqlite' if info.inline else path})"
                     ) from None
                 log.warning("cached block %d of %r was damaged; fetching it again", index, entry.object_key)
                 self._forget_block(entry, index)
@@ -730,6 +753,12 @@ class BlockCache:
             if (entry.id, index) in self._clean_lru:
                 self._clean_lru.move_to_end((entry.id, index))
             return plaintext
+
+    def _inline_data(self, entry: Entry, index: int) -> bytes:
+        row = self._db.execute(
+            "SELECT data FROM blocks WHERE entry_id = ? AND block_index = ?", (entry.id, index)
+        ).fetchone()
+        return bytes(row[0]) if row is not None and row[0] is not None else b""
 
     async def write_block(
         self, entry: Entry, index: int, plaintext: bytes | bytearray, *, dirty: bool,
@@ -749,11 +778,21 @@ class BlockCache:
         cipher, associated_data = self._cipher(entry), self._associated_data(entry, index)
         path = self._block_path(entry.id, index)
 
-        def seal_to_file() -> tuple[Path, int]:
+        def seal() -> list[bytes]:
             nonce = secrets.token_bytes(NONCE_BYTES)
             stored = plaintext if plaintext[-1:] != b"\0" else bytes(plaintext).rstrip(b"\0")
+            return [BLOCK_MAGIC + nonce, cipher.encrypt(nonce, stored, associated_data)]
+
+        if len(plaintext) <= self.inline_limit:
+            # Sealing a few KiB costs microseconds: no worker thread, no file, no fsync of its own.
+            if not self.is_live(entry) or not still_wanted():
+                return False
+            self._place_block(entry, index, b"".join(seal()), write_generation, dirty)
+            return True
+
+        def seal_to_file() -> tuple[Path, int]:
             # Header and ciphertext go out in one writev: joining them first would copy the block again.
-            sealed = [BLOCK_MAGIC + nonce, cipher.encrypt(nonce, stored, associated_data)]
+            sealed = seal()
             sealed_bytes = sum(len(part) for part in sealed)
             path.parent.mkdir(exist_ok=True, mode=0o700)
             # Unique: a fetch and a write may seal the same block at once.
@@ -777,22 +816,34 @@ class BlockCache:
                     path.parent.rmdir()  # recreated by the thread after the entry was dropped
             return False
         os.replace(temporary, path)
+        self._place_block(entry, index, stored_bytes, write_generation, dirty)
+        return True
+
+    def _place_block(self, entry: Entry, index: int, stored: int | bytes, write_generation: int,
+                     dirty: bool) -> None:
+        """Record a stored block: ``stored`` is the size of its file, or the sealed block itself (inline)."""
+        inline = isinstance(stored, bytes)
+        stored_bytes = len(stored) if isinstance(stored, bytes) else stored
         previous = self._blocks.get((entry.id, index))
         if previous is not None:
             self.used_bytes -= previous.stored_bytes
-        self._blocks[(entry.id, index)] = BlockInfo(stored_bytes, write_generation)
+        self._blocks[(entry.id, index)] = BlockInfo(stored_bytes, write_generation, inline)
         self._entry_blocks.setdefault(entry.id, set()).add(index)
         self.used_bytes += stored_bytes
         if dirty:
             self._clean_lru.pop((entry.id, index), None)
-            entry.unsynced.add(index)
+            if inline:
+                entry.unsynced.discard(index)  # the journal's log holds it: no file to fsync
+            else:
+                entry.unsynced.add(index)
         else:
             self._clean_lru[(entry.id, index)] = None
         try:
             with self._transaction():  # one commit for both rows
                 self._db.execute(
-                    "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)",
-                    (entry.id, index, stored_bytes, write_generation),
+                    "INSERT OR REPLACE INTO blocks (entry_id, block_index, stored_bytes, write_generation, data) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (entry.id, index, stored_bytes, write_generation, stored if inline else None),
                 )
                 if dirty:
                     # Cheap (no fsync): after a crash before close, the entry's size and
@@ -801,7 +852,9 @@ class BlockCache:
         except BaseException:
             entry.saved_row = None  # rolled back: the row on disk is unknown
             raise
-        return True
+        if inline and previous is not None and not previous.inline:
+            # After the commit: a crash before this unlink leaves a file the next start removes.
+            self._block_path(entry.id, index).unlink(missing_ok=True)
 
     def _forget_block(self, entry: Entry, index: int, *, remove_file: bool = True) -> None:
         info = self._blocks.pop((entry.id, index), None)
@@ -811,7 +864,7 @@ class BlockCache:
         self.used_bytes -= info.stored_bytes
         self._clean_lru.pop((entry.id, index), None)
         entry.unsynced.discard(index)
-        if remove_file:
+        if remove_file and not info.inline:
             self._block_path(entry.id, index).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ size bound

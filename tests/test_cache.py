@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from ssefs.cache import BLOCK_MAGIC, BLOCK_SIZE, NONCE_BYTES, BlockCache, CacheMismatch, CorruptBlock, Entry
+from ssefs.cache import (
+    BLOCK_MAGIC,
+    BLOCK_SIZE,
+    INLINE_LIMIT,
+    NONCE_BYTES,
+    BlockCache,
+    CacheMismatch,
+    CorruptBlock,
+    Entry,
+)
 from ssefs.cachedfile import CachedFile
 from ssefs.errors import SsefsError
 from ssefs.keys import SseKey
@@ -79,8 +88,12 @@ async def no_room() -> None:
     await trio.lowlevel.checkpoint()
 
 
-def make_cache(directory: Path, key: SseKey = KEY, identity: str = IDENTITY, max_size: int = 1 << 40) -> BlockCache:
-    return BlockCache(directory, key, identity=identity, max_size=max_size)
+def make_cache(directory: Path, key: SseKey = KEY, identity: str = IDENTITY, max_size: int = 1 << 40,
+               inline_limit: int = 0) -> BlockCache:
+    """A cache that keeps every block in a file: most tests here examine block files. Blocks kept in
+    their journal row (the default for small ones) have tests of their own below, and every test
+    through a mount uses the default."""
+    return BlockCache(directory, key, identity=identity, max_size=max_size, inline_limit=inline_limit)
 
 
 @pytest.fixture
@@ -1113,3 +1126,119 @@ async def test_trailing_zeros_are_not_stored_and_whole_blocks_of_older_caches_st
     sealed = cache._cipher(entry).encrypt(nonce, whole, cache._associated_data(entry, 0))
     path.write_bytes(cache_module.WHOLE_BLOCK_MAGIC + nonce + sealed)
     assert (await cache.read_block(entry, 0)) == whole
+
+
+# ---------------------------------------------------------------- blocks kept in their journal row
+
+
+def inline_data(cache: BlockCache, entry: Entry, index: int) -> bytes | None:
+    row = cache._db.execute("SELECT data FROM blocks WHERE entry_id = ? AND block_index = ?",
+                            (entry.id, index)).fetchone()
+    return None if row is None or row[0] is None else bytes(row[0])
+
+
+def set_inline_data(cache: BlockCache, entry: Entry, index: int, data: bytes) -> None:
+    cache._db.execute("UPDATE blocks SET data = ? WHERE entry_id = ? AND block_index = ?", (data, entry.id, index))
+
+
+async def test_small_blocks_live_in_the_journal_sealed_and_need_one_fsync(cache_dir: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = make_cache(cache_dir, inline_limit=INLINE_LIMIT)
+    entry = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, entry, FakeS3().fetch_range)
+    secret = b"small secret file " * 100
+    await cached.write(0, secret)
+    await cached.seal_hot()
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        fsyncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    await cache.sync(entry)
+    assert len(fsyncs) == 1  # the journal's log: no block file, no directory
+    assert not (cache_dir / "blocks" / str(entry.id)).exists()
+    sealed = inline_data(cache, entry, 0)
+    assert sealed is not None and sealed.startswith(BLOCK_MAGIC) and len(sealed) == sealed_size(len(secret))
+    assert cache.used_bytes == len(sealed)
+    cache.close()
+    for path in cache_dir.rglob("*"):  # no plaintext anywhere: journal, its log, blocks
+        if path.is_file():
+            assert b"small secret" not in path.read_bytes(), path
+    reopened = make_cache(cache_dir, inline_limit=INLINE_LIMIT)
+    again = reopened.entry(OBJECT)
+    assert again is not None and again.dirty and reopened.used_bytes == len(sealed)
+    assert await CachedFile(reopened, again, FakeS3().fetch_range).read(0, 10_000) == secret
+    reopened.close()
+
+
+@pytest.mark.parametrize("damage", ["flipped", "moved to another block", "emptied"])
+async def test_a_damaged_inline_block_is_an_error_when_dirty_and_fetched_again_when_clean(
+    cache_dir: Path, damage: str
+) -> None:
+    cache = make_cache(cache_dir, inline_limit=INLINE_LIMIT)
+    entry = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, entry, FakeS3().fetch_range)
+    await cached.write(0, b"precious" * 100)
+    await cached.write(BLOCK_SIZE, b"second block")
+    await cached.seal_hot()
+    first, second = inline_data(cache, entry, 0), inline_data(cache, entry, 1)
+    assert first is not None and second is not None
+    if damage == "flipped":
+        set_inline_data(cache, entry, 0, first[:100] + bytes([first[100] ^ 1]) + first[101:])
+    elif damage == "moved to another block":
+        set_inline_data(cache, entry, 0, second)  # sealed for block 1: its associated data does not fit
+    else:
+        set_inline_data(cache, entry, 0, b"")
+    with pytest.raises(CorruptBlock, match="journal.sqlite"):
+        await CachedFile(cache, entry, FakeS3().fetch_range).read(0, 100)
+    # Once uploaded, a damaged copy is dropped and the bytes come from S3 again.
+    fake = FakeS3({OBJECT: b"precious" * 100 + bytes(BLOCK_SIZE - 800) + b"second block"})
+    cache.mark_uploaded(entry, entry.generation, etag="e", size=BLOCK_SIZE + 12)
+    assert await CachedFile(cache, entry, fake.fetch_range).read(0, 16) == b"preciousprecious"
+    assert fake.calls == [(OBJECT, 0, BLOCK_SIZE)]
+    cache.close()
+
+
+async def test_a_block_moves_between_file_and_journal_row_as_it_grows_and_shrinks(cache_dir: Path) -> None:
+    cache = make_cache(cache_dir, inline_limit=INLINE_LIMIT)
+    entry = new_entry(cache, OBJECT)
+    small, large = b"s" * 1000, random.Random(5).randbytes(INLINE_LIMIT + 1)
+    for content, in_file in ((small, False), (large, True), (small, False)):
+        await cache.write_block(entry, 0, content, dirty=True)
+        await cache.sync(entry)
+        assert block_file(cache, entry, 0).exists() == in_file
+        assert (inline_data(cache, entry, 0) is None) == in_file
+        assert await cache.read_block(entry, 0) == content
+        assert cache.used_bytes == sealed_size(len(content))
+    # A crash between a row taking the block inline and the removal of the old file: the next
+    # start removes the stale file and keeps the row.
+    await cache.write_block(entry, 1, large, dirty=True)
+    stale = block_file(cache, entry, 1).read_bytes()
+    await cache.write_block(entry, 1, small, dirty=True)
+    block_file(cache, entry, 1).write_bytes(stale)
+    await cache.sync(entry)
+    cache.close()
+    reopened = make_cache(cache_dir, inline_limit=INLINE_LIMIT)
+    again = reopened.entry(OBJECT)
+    assert again is not None and not block_file(reopened, again, 1).exists()
+    assert await reopened.read_block(again, 1) == small
+    assert reopened.used_bytes == 2 * sealed_size(len(small))
+    reopened.close()
+
+
+async def test_inline_blocks_are_evicted_like_files(cache_dir: Path) -> None:
+    cache = make_cache(cache_dir, max_size=3 * sealed_size(5000), inline_limit=INLINE_LIMIT)
+    entries = []
+    for number in range(3):
+        entry = based_entry(cache, f"clean{number}", bytes(5000))
+        await cache.write_block(entry, 0, bytes([number + 1]) * 5000, dirty=False)
+        entries.append(entry)
+    assert cache.used_bytes == 3 * sealed_size(5000)
+    cache.evict_clean(sealed_size(5000))  # the least recently used goes: its row and its bytes
+    assert cache.used_bytes == 2 * sealed_size(5000)
+    assert cache._db.execute("SELECT COUNT(*) FROM blocks").fetchone()[0] == 2
+    assert await cache.read_block(entries[1], 0) == bytes([2]) * 5000
+    cache.close()
