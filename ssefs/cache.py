@@ -79,7 +79,11 @@ log = logging.getLogger(__name__)
 # 4 KiB write costs one block's fetch and re-encryption, not more.
 BLOCK_SIZE = 1024 * 1024
 NONCE_BYTES = 12
-FORMAT_VERSION = "2"
+# Format 3 keeps small blocks in their journal row (INLINE_LIMIT). A format 2 cache is upgraded in
+# place (the column is added); an older ssefs refuses format 3, where it would take inline blocks
+# for missing files and drop them.
+FORMAT_VERSION = "3"
+UPGRADABLE_FORMATS = ("2",)
 # Version 2 does not store a block's trailing zero bytes (a 4 KiB file costs a 4 KiB block file, not
 # 1 MiB: no sealing, writing and space for the padding); version 1 stored every block whole. Both
 # are read. An older ssefs refuses version 2 blocks rather than misread them.
@@ -327,13 +331,15 @@ class BlockCache:
                     [("format", FORMAT_VERSION), ("identity", identity), ("key_check", current_check)],
                 )
             return ring.current.derive(b"cache-blocks-v1")
-        if stored.get("format") != FORMAT_VERSION:
+        if stored.get("format") not in (FORMAT_VERSION, *UPGRADABLE_FORMATS):
             raise CacheMismatch(f"cache {self.directory} has format {stored.get('format')!r}, not {FORMAT_VERSION}")
         if stored.get("identity") != identity:
             raise CacheMismatch(
                 f"cache {self.directory} belongs to {stored.get('identity')}, not {identity}; "
                 "give this mount its own [cache] dir"
             )
+        if stored["format"] != FORMAT_VERSION:
+            self._db.execute("UPDATE meta SET value = ? WHERE name = 'format'", (FORMAT_VERSION,))
         for check, key in candidates.items():
             if hmac.compare_digest(stored.get("key_check", ""), check):
                 return key.derive(b"cache-blocks-v1")

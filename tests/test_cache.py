@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -1242,3 +1243,31 @@ async def test_inline_blocks_are_evicted_like_files(cache_dir: Path) -> None:
     assert cache._db.execute("SELECT COUNT(*) FROM blocks").fetchone()[0] == 2
     assert await cache.read_block(entries[1], 0) == bytes([2]) * 5000
     cache.close()
+
+
+async def test_a_format_2_cache_is_upgraded_in_place_and_older_formats_are_refused(cache_dir: Path) -> None:
+    """A cache of the previous version (blocks only in files, no ``data`` column) keeps its dirty data."""
+    import sqlite3
+
+    cache = make_cache(cache_dir)
+    entry = new_entry(cache, OBJECT)
+    await cache.write_block(entry, 0, b"written by the previous version", dirty=True)
+    await cache.sync(entry)
+    cache.close()
+    with contextlib.closing(sqlite3.connect(cache_dir / "journal.sqlite")) as db:
+        db.execute("ALTER TABLE blocks DROP COLUMN data")
+        db.execute("UPDATE meta SET value = '2' WHERE name = 'format'")
+        db.commit()
+    upgraded = make_cache(cache_dir, inline_limit=INLINE_LIMIT)
+    again = upgraded.entry(OBJECT)
+    assert again is not None and again.dirty
+    assert await upgraded.read_block(again, 0) == b"written by the previous version"
+    await upgraded.write_block(again, 1, b"small, now inline", dirty=True)
+    assert inline_data(upgraded, again, 1) is not None
+    assert upgraded._db.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()[0] == "3"
+    upgraded.close()
+    with contextlib.closing(sqlite3.connect(cache_dir / "journal.sqlite")) as db:
+        db.execute("UPDATE meta SET value = '1' WHERE name = 'format'")
+        db.commit()
+    with pytest.raises(CacheMismatch, match="format '1'"):
+        make_cache(cache_dir)
