@@ -116,8 +116,11 @@ def test_cache_holds_no_plaintext_and_detects_tampering(
     mount = mount_ssefs(config)
     payload = secrets.token_bytes(3 * 1024 * 1024)
     (mount.mountpoint / "secret.bin").write_bytes(payload)
+    # A small file's block is sealed into its journal row (and the journal's log) instead of a file.
+    small = secrets.token_bytes(3000)
+    (mount.mountpoint / "small.bin").write_bytes(small)
     cache_dir = tmp_path / "mount-cache"
-    windows = [payload[i:i + 32] for i in range(0, len(payload) - 32, 65_537)]
+    windows = [payload[i:i + 32] for i in range(0, len(payload) - 32, 65_537)] + [small[:32], small[-32:]]
     block_files = []
     for path in cache_dir.rglob("*"):
         if path.is_file():
