@@ -54,7 +54,7 @@ from .errors import (
     unwrap_group,
 )
 from .keys import KeyRing, SseKey
-from .quickhead import NOT_FOUND, QuickHead
+from .quickpath import NOT_FOUND, QuickPath
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +209,11 @@ class ObjectStore:
             ),
             **credentials,
         )
-        self._quick_head = self._make_quick_head(session, credentials)
+        self._quick = self._make_quick(session, credentials)
 
-    def _make_quick_head(self, session: boto3.session.Session, explicit: dict[str, str]) -> QuickHead | None:
+    def _make_quick(self, session: boto3.session.Session, explicit: dict[str, str]) -> QuickPath | None:
         """The lean HEAD path, or None where it cannot follow the client (proxy, no credentials yet)."""
-        if not QuickHead.usable_for(self.settings.endpoint):
+        if not QuickPath.usable_for(self.settings.endpoint):
             log.info("a proxy is set for %s: HEAD requests go through boto3", self.settings.endpoint)
             return None
         credentials = (
@@ -222,7 +222,7 @@ class ObjectStore:
         )
         if credentials is None:
             return None  # boto3 reports the missing credentials on the first request
-        return QuickHead(
+        return QuickPath(
             self._client, credentials, self.bucket,
             ca_bundle=str(self.settings.ca_bundle) if self.settings.ca_bundle else None,
             max_connections=self.settings.max_connections,
@@ -411,8 +411,8 @@ class ObjectStore:
 
         async def attempt(sse_key: SseKey) -> ObjectInfo:
             quick = None
-            if self._quick_head is not None:
-                quick = await trio.to_thread.run_sync(self._quick_head.head, object_key, sse_key, limiter=self.limiter)
+            if self._quick is not None:
+                quick = await trio.to_thread.run_sync(self._quick.head, object_key, sse_key, limiter=self.limiter)
                 if quick == NOT_FOUND:
                     raise NoSuchObject(f"HeadObject {object_key!r} in bucket {self.bucket}: no such object")
             if isinstance(quick, dict):
@@ -441,8 +441,8 @@ class ObjectStore:
         """
         results: dict[str, ObjectInfo | SsefsError] = {}
         slow: list[str] = []
-        quick_head = self._quick_head
-        if quick_head is None:
+        quick_path = self._quick
+        if quick_path is None:
             slow = list(object_keys)
         else:
             # Keys are chosen here, on the trio thread that owns the key index; pending deletes read as absent.
@@ -451,7 +451,7 @@ class ObjectStore:
             slow = [object_key for object_key in object_keys if self.deletes.is_pending(object_key)]
 
             def ask(batch: list[tuple[str, SseKey]]) -> list[dict[str, Any] | str | None]:
-                return [quick_head.head(object_key, sse_key) for object_key, sse_key in batch]
+                return [quick_path.head(object_key, sse_key) for object_key, sse_key in batch]
 
             async def ask_batch(batch: list[tuple[str, SseKey]]) -> None:
                 answers = await trio.to_thread.run_sync(ask, batch, limiter=self.limiter)
@@ -628,14 +628,22 @@ class ObjectStore:
         """
         await self.deletes.settle(object_key)
         content_md5 = base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
-        response = await self._call(
-            "PutObject",
-            object_key,
-            functools.partial(
-                self._client.put_object, Bucket=self.bucket, Key=object_key, Body=data,
-                Metadata=metadata or {}, ContentMD5=content_md5, **self._sse,
-            ),
-        )
+        quick = None
+        if self._quick is not None:
+            quick = await trio.to_thread.run_sync(
+                self._quick.put, object_key, self._key, data, metadata or {}, content_md5, limiter=self.limiter
+            )
+        if quick is not None:
+            response = quick
+        else:  # boto3 retries, and explains, what the quick path could not do
+            response = await self._call(
+                "PutObject",
+                object_key,
+                functools.partial(
+                    self._client.put_object, Bucket=self.bucket, Key=object_key, Body=data,
+                    Metadata=metadata or {}, ContentMD5=content_md5, **self._sse,
+                ),
+            )
         self._check_echo("PutObject", object_key, response)
         self._stored_under(object_key, self._key)
         return str(response.get("ETag", "")).strip('"')

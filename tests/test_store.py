@@ -282,19 +282,19 @@ QUICK_HEAD_NAMES = ["plain.txt", "with space/and+plus", "percent%20sign", "unico
                     "a=b&c?d#e", "*star,comma;semi", "dir/sub/deep.bin", ".hidden"]
 
 
-async def test_the_quick_head_answers_exactly_like_boto3(endpoint: SeaweedEndpoint, bucket: str,
+async def test_the_quick_answers_exactly_like_boto3(endpoint: SeaweedEndpoint, bucket: str,
                                                          sse_key: SseKey, key_bytes: bytes, s3: Any) -> None:
     """HEADs skip botocore's per-call machinery; the answer must be the one boto3 would give, for any name."""
-    from ssefs.quickhead import NOT_FOUND
+    from ssefs.quickpath import NOT_FOUND
     from ssefs.store import _info_from_head
 
     store = make_store(endpoint, bucket, sse_key)
-    assert store._quick_head is not None
+    assert store._quick is not None
     for index, name in enumerate(QUICK_HEAD_NAMES):
         s3.put_object(Bucket=bucket, Key=name, Body=b"x" * index, Metadata={"mode": str(0o100600 + index),
                       "mtime": f"{index}.5"}, **sse_params(key_bytes))
     answered: list[str] = []
-    quick = store._quick_head.head
+    quick = store._quick.head
 
     def counting(object_key: str, key: SseKey) -> Any:
         answer = quick(object_key, key)
@@ -302,30 +302,30 @@ async def test_the_quick_head_answers_exactly_like_boto3(endpoint: SeaweedEndpoi
         answered.append(object_key)
         return answer
 
-    store._quick_head.head = counting  # type: ignore[method-assign]
+    store._quick.head = counting  # type: ignore[method-assign]
     for name in QUICK_HEAD_NAMES:
         through_boto3 = store._client.head_object(Bucket=bucket, Key=name, **sse_key.sse_params())
         assert await store.head(name) == _info_from_head(name, through_boto3)
         assert (await store.head(name)).metadata["mode"] == str(0o100600 + QUICK_HEAD_NAMES.index(name))
     assert answered == [name for name in QUICK_HEAD_NAMES for _ in range(2)]
-    store._quick_head.head = quick  # type: ignore[method-assign]
+    store._quick.head = quick  # type: ignore[method-assign]
     assert quick("missing/name", sse_key) == NOT_FOUND
     with pytest.raises(NoSuchObject, match="no such object"):
         await store.head("missing/name")
 
 
-async def test_the_quick_head_leaves_refusals_and_failures_to_boto3(
+async def test_the_quick_leaves_refusals_and_failures_to_boto3(
     endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, s3: Any
 ) -> None:
     """A 403 (another key), odd paths and an unreachable server go to boto3, which asks again and explains;
     an object stored without SSE-C is refused by the echo check either way."""
     store = make_store(endpoint, bucket, sse_key)
-    assert store._quick_head is not None
+    assert store._quick is not None
     s3.put_object(Bucket=bucket, Key="foreign", Body=b"f", **sse_params(secrets.token_bytes(32)))
     s3.put_object(Bucket=bucket, Key="plain", Body=b"p")
     for name in ("foreign", "dots/../x"):  # the last one urllib3 would resolve to "x"
-        assert store._quick_head.head(name, sse_key) is None
-    plain = store._quick_head.head("plain", sse_key)  # SeaweedFS answers 200 without the echo of our key
+        assert store._quick.head(name, sse_key) is None
+    plain = store._quick.head("plain", sse_key)  # SeaweedFS answers 200 without the echo of our key
     assert isinstance(plain, dict) and not plain["SSECustomerKeyMD5"]
     with pytest.raises(WrongKey):
         await store.head("foreign")
@@ -333,19 +333,19 @@ async def test_the_quick_head_leaves_refusals_and_failures_to_boto3(
         await store.head("plain")
     unreachable = make_store(endpoint, bucket, sse_key, endpoint_url="https://127.0.0.1:9", max_attempts=1,
                              connect_timeout=1.0)
-    assert unreachable._quick_head is not None and unreachable._quick_head.head("x", sse_key) is None
+    assert unreachable._quick is not None and unreachable._quick.head("x", sse_key) is None
     with pytest.raises(ServerUnavailable, match="cannot reach"):
         await unreachable.head("x")
 
 
-def test_no_quick_head_through_a_proxy(endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey,
+def test_no_quick_through_a_proxy(endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    assert make_store(endpoint, bucket, sse_key)._quick_head is None
+    assert make_store(endpoint, bucket, sse_key)._quick is None
     monkeypatch.setenv("no_proxy", "127.0.0.1")
-    assert make_store(endpoint, bucket, sse_key)._quick_head is not None
+    assert make_store(endpoint, bucket, sse_key)._quick is not None
 
 
 async def test_head_many_answers_each_key_like_head(endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey,
@@ -367,7 +367,7 @@ async def test_head_many_answers_each_key_like_head(endpoint: SeaweedEndpoint, b
     assert isinstance(answers["many/foreign"], WrongKey)
     assert isinstance(answers["many/plain"], NotEncrypted)
     assert isinstance(answers["many/missing"], NoSuchObject)
-    store._quick_head = None  # without the quick path, the same answers through boto3
+    store._quick = None  # without the quick path, the same answers through boto3
     again = await store.head_many([*names, "many/foreign", "many/plain", "many/missing"])
     assert {name: type(answer) for name, answer in again.items()} == {
         name: type(answer) for name, answer in answers.items()}
@@ -389,3 +389,51 @@ async def test_the_listing_model_is_loaded_at_the_bucket_check(
 
     monkeypatch.setattr(botocore.loaders.Loader, "load_service_model", no_more_loading)
     assert [info.key for info in (await store.list_children("")).objects] == ["listed"]
+
+
+async def test_small_puts_take_the_quick_path_and_store_what_boto3_would(
+    endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, key_bytes: bytes, s3: Any
+) -> None:
+    from ssefs.quickpath import PUT_LIMIT
+
+    store = make_store(endpoint, bucket, sse_key)
+    assert store._quick is not None
+    quick_put = store._quick.put
+    answered: list[str] = []
+
+    def counting(object_key: str, *args: Any) -> Any:
+        answer = quick_put(object_key, *args)
+        if answer is not None:
+            answered.append(object_key)
+        return answer
+
+    store._quick.put = counting  # type: ignore[method-assign, assignment]
+    metadata = {"mode": "33188", "uid": "0", "gid": "0", "mtime": "1700000000.123456789"}
+    small = secrets.token_bytes(5000)
+    large = secrets.token_bytes(PUT_LIMIT + 1)
+    for name, body in (("a dir/small ü+%.bin", small), ("empty", b""), ("large.bin", large)):
+        etag = await store.put(name, body, metadata)
+        stored = s3.get_object(Bucket=bucket, Key=name, **sse_params(key_bytes))
+        assert stored["Body"].read() == body and stored["Metadata"] == metadata
+        assert stored["ETag"].strip('"') == etag
+        assert _echoed_md5_matches(stored["SSECustomerKeyMD5"], sse_key.md5_b64)
+    assert answered == ["a dir/small ü+%.bin", "empty"]  # the large body went through boto3
+    # Not plain ASCII, or a name urllib3 would rewrite: boto3's turn.
+    assert quick_put("x", sse_key, b"x", {"note": "é"}, "") is None
+    assert quick_put("a/../b", sse_key, b"x", {}, "") is None
+    with pytest.raises(botocore.exceptions.ClientError):
+        s3.get_object(Bucket=bucket, Key="a dir/small ü+%.bin")  # stored under the key, as always
+
+
+async def test_a_quick_put_refused_goes_to_boto3_which_explains(endpoint: SeaweedEndpoint, bucket: str,
+                                                                sse_key: SseKey) -> None:
+    """A body whose Content-MD5 does not match is refused (the guard against a body cut short)."""
+    import base64
+    import hashlib
+
+    store = make_store(endpoint, bucket, sse_key)
+    assert store._quick is not None
+    wrong_md5 = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+    assert store._quick.put("refused", sse_key, b"body", {}, wrong_md5) is None
+    with pytest.raises(NoSuchObject):
+        await store.head("refused")
