@@ -4,11 +4,12 @@ A request through a boto3 client costs 1.3-1.8 ms of CPU (parameter validation,
 endpoint rules, a dozen event hooks, the response model), more than twice what
 the request itself needs. ``ls -l`` of objects written by other tools needs a
 keyed HEAD per object, and ``tar -x`` or ``cp -r`` of small files a PUT per
-file. This module owns a lean path for those two requests: botocore's own SigV4
+file and a GET per file read back. This module owns a lean path for those requests: botocore's own SigV4
 signer and the client's credentials, an urllib3 pool of its own with the same
 TLS verification and timeouts, and the object URL prefix that botocore itself
-resolved for the bucket. It answers only the plain outcomes: a HEAD's 200 (the
-headers shaped as boto3 returns them) and 404, a PUT's 200. Anything else (403,
+resolved for the bucket. It answers only the plain outcomes: a HEAD's or GET's
+200/206 (shaped as boto3 returns them) and 404, a GET's 416 (a range past the
+end), a PUT's 200. Bodies stay within 1 MiB. Anything else (403,
 400, 5xx, a connection or TLS failure, a key urllib3 would rewrite, metadata
 that is not plain ASCII) returns ``None``, and ``store.py`` asks boto3, which
 retries and turns the failure into a clear error; a PUT sent twice stores the
@@ -40,8 +41,10 @@ ECHO_HEADER = "x-amz-server-side-encryption-customer-key-md5"
 # The key stands in for any object key while botocore resolves the bucket's URL.
 PROBE_KEY = "ssefs-url-probe"
 NOT_FOUND = "not found"
-# Larger bodies go through boto3, whose retries and 100-continue suit long transfers.
+PAST_THE_END = "range past the end"
+# Larger bodies go through boto3, whose retries, 100-continue and streaming suit long transfers.
 PUT_LIMIT = 1024 * 1024
+GET_LIMIT = 1024 * 1024
 
 
 class QuickPath:
@@ -83,7 +86,9 @@ class QuickPath:
         request.context["payload_signing_enabled"] = not self._base.startswith("https://")
         try:
             botocore.auth.S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self._region).add_auth(request)
-            return self._pool.urlopen(method, target, body=body, headers=dict(request.headers.items()), redirect=False)
+            # decode_content off: the bytes as stored, whatever Content-Encoding says (as botocore does).
+            return self._pool.urlopen(method, target, body=body, headers=dict(request.headers.items()),
+                                      redirect=False, decode_content=False)
         except (urllib3.exceptions.HTTPError, OSError, botocore.exceptions.BotoCoreError) as error:
             log.debug("quick %s of %r failed (%s); asking boto3", method, object_key, type(error).__name__)
             return None
@@ -102,6 +107,25 @@ class QuickPath:
         if response is None or response.status != 200:
             return None
         return {"ETag": response.headers.get("ETag", ""), "SSECustomerKeyMD5": response.headers.get(ECHO_HEADER)}
+
+    def get(self, object_key: str, key: SseKey, offset: int, length: int) -> dict[str, Any] | str | None:
+        """``length`` bytes at ``offset`` (fewer at the end) with the key echo, ``NOT_FOUND``,
+        ``PAST_THE_END``, or None: ask boto3."""
+        if not 0 < length <= GET_LIMIT:
+            return None
+        headers = key.sse_headers()
+        headers["Range"] = f"bytes={offset}-{offset + length - 1}"
+        # urllib3 reads the whole body and raises (None here) if it is shorter than Content-Length.
+        response = self._send("GET", object_key, headers)
+        if response is None:
+            return None
+        if response.status == 404:
+            return NOT_FOUND
+        if response.status == 416:
+            return PAST_THE_END
+        if response.status not in (200, 206):
+            return None
+        return {"Body": response.data, "SSECustomerKeyMD5": response.headers.get(ECHO_HEADER)}
 
     def head(self, object_key: str, key: SseKey) -> dict[str, Any] | str | None:
         """The object's headers as boto3 would return them, ``NOT_FOUND``, or None: ask boto3."""

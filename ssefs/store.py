@@ -54,7 +54,7 @@ from .errors import (
     unwrap_group,
 )
 from .keys import KeyRing, SseKey
-from .quickpath import NOT_FOUND, QuickPath
+from .quickpath import NOT_FOUND, PAST_THE_END, QuickPath
 
 log = logging.getLogger(__name__)
 
@@ -500,6 +500,15 @@ class ObjectStore:
         self._refuse_pending("GetObject", object_key)
 
         def fetch(sse_key: SseKey) -> list[bytes]:
+            quick = self._quick.get(object_key, sse_key, offset, length) if self._quick is not None else None
+            if quick == NOT_FOUND:
+                raise NoSuchObject(f"GetObject {object_key!r} in bucket {self.bucket}: no such object")
+            if quick == PAST_THE_END:
+                return []
+            if isinstance(quick, dict):
+                self._check_echo("GetObject", object_key, quick, key=sse_key)
+                data = quick["Body"]
+                return [data[start:start + piece_size] for start in range(0, len(data), piece_size)]
             response = self._client.get_object(
                 Bucket=self.bucket, Key=object_key, Range=f"bytes={offset}-{offset + length - 1}",
                 **sse_key.sse_params(),

@@ -437,3 +437,33 @@ async def test_a_quick_put_refused_goes_to_boto3_which_explains(endpoint: Seawee
     assert store._quick.put("refused", sse_key, b"body", {}, wrong_md5) is None
     with pytest.raises(NoSuchObject):
         await store.head("refused")
+
+
+async def test_small_ranged_gets_take_the_quick_path(endpoint: SeaweedEndpoint, bucket: str,
+                                                     sse_key: SseKey) -> None:
+    from ssefs.quickpath import GET_LIMIT, PAST_THE_END
+
+    store = make_store(endpoint, bucket, sse_key)
+    assert store._quick is not None
+    payload = secrets.token_bytes(GET_LIMIT + 5000)
+    await store.put("ranged", payload)  # over PUT_LIMIT: through boto3
+    quick_get = store._quick.get
+    answered: list[tuple[int, int]] = []
+
+    def counting(object_key: str, key: SseKey, offset: int, length: int) -> Any:
+        answer = quick_get(object_key, key, offset, length)
+        if isinstance(answer, dict):
+            answered.append((offset, length))
+        return answer
+
+    store._quick.get = counting  # type: ignore[method-assign]
+    assert await store.get_range("ranged", 0, 4096) == payload[:4096]
+    assert await store.get_range("ranged", GET_LIMIT, GET_LIMIT) == payload[GET_LIMIT:]  # fewer at the end
+    assert await store.get_pieces("ranged", 10, 3000, 1000) == [payload[10:1010], payload[1010:2010],
+                                                               payload[2010:3010]]
+    assert await store.get_range("ranged", 0, len(payload)) == payload  # over GET_LIMIT: through boto3
+    assert answered == [(0, 4096), (GET_LIMIT, GET_LIMIT), (10, 3000)]
+    assert quick_get("ranged", sse_key, len(payload), 10) == PAST_THE_END
+    assert await store.get_range("ranged", len(payload) + 5, 10) == b""
+    with pytest.raises(NoSuchObject):
+        await store.get_range("absent", 0, 10)
