@@ -15,7 +15,9 @@ only when the server refuses that key (403) try the mount's previous keys,
 remembering the one that worked. Keys whose delete is queued
 (``deletes.DeleteQueue``) read as absent, and a write to one first cancels its
 delete or waits for it. This module knows object keys, not paths, inodes or
-FUSE.
+FUSE. HEADs and PUTs and ranged GETs of up to 1 MiB first try ``quickpath``
+(the same requests without botocore's per-call CPU); whatever it cannot answer
+goes through boto3 as above.
 """
 
 from __future__ import annotations

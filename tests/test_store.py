@@ -467,3 +467,17 @@ async def test_small_ranged_gets_take_the_quick_path(endpoint: SeaweedEndpoint, 
     assert await store.get_range("ranged", len(payload) + 5, 10) == b""
     with pytest.raises(NoSuchObject):
         await store.get_range("absent", 0, 10)
+
+
+async def test_the_quick_path_verifies_the_server_certificate(endpoint: SeaweedEndpoint, bucket: str,
+                                                              sse_key: SseKey) -> None:
+    """Without the test CA, the lean path refuses the server's certificate, exactly as boto3 does."""
+    settings = S3Settings(endpoint=endpoint.endpoint, bucket=bucket, region=endpoint.region, ca_bundle=None,
+                          access_key_id=endpoint.access_key_id, secret_access_key=endpoint.secret_access_key,
+                          max_attempts=1)
+    store = ObjectStore(settings, sse_key)
+    assert store._quick is not None
+    assert store._quick.head("anything", sse_key) is None
+    assert store._quick.put("anything", sse_key, b"x", {}, "") is None
+    with pytest.raises(ServerUnavailable, match="TLS"):
+        await store.head("anything")
