@@ -797,10 +797,17 @@ class Filesystem:
         prefix = self.directory_prefix(node.path)
         # The deletes of its files land first, so the directory does not outlive them in S3.
         await self.store.deletes.flush(prefix)
+
+        def local_children() -> bool:
+            return any(entry.object_key.startswith(prefix) for entry in self.cache.dirty_entries())
+
+        # Asked before the listing too: an upload that lands while the listing is on its way turns
+        # its file clean, and the listing may still not show it.
+        if local_children():
+            raise FsError(errno.ENOTEMPTY)
         remaining = [key for key in await self.store.keys_with_prefix(prefix, 3)
                      if key not in (prefix, prefix + SIDECAR_NAME)]
-        local_children = any(entry.object_key.startswith(prefix) for entry in self.cache.dirty_entries())
-        if remaining or local_children:
+        if remaining or local_children():
             raise FsError(errno.ENOTEMPTY)
         for key in (prefix + SIDECAR_NAME, prefix):
             try:
