@@ -797,17 +797,13 @@ class Filesystem:
         prefix = self.directory_prefix(node.path)
         # The deletes of its files land first, so the directory does not outlive them in S3.
         await self.store.deletes.flush(prefix)
-
-        def local_children() -> bool:
-            return any(entry.object_key.startswith(prefix) for entry in self.cache.dirty_entries())
-
         # Asked before the listing too: an upload that lands while the listing is on its way turns
         # its file clean, and the listing may still not show it.
-        if local_children():
+        if self._has_unuploaded_under(prefix):
             raise FsError(errno.ENOTEMPTY)
         remaining = [key for key in await self.store.keys_with_prefix(prefix, 3)
                      if key not in (prefix, prefix + SIDECAR_NAME)]
-        if remaining or local_children():
+        if remaining or self._has_unuploaded_under(prefix):
             raise FsError(errno.ENOTEMPTY)
         for key in (prefix + SIDECAR_NAME, prefix):
             try:
@@ -817,6 +813,10 @@ class Filesystem:
         await self.directory_attributes.set(self.directory_prefix(node.parent_path), node.name, None)
         self.inodes.invalidate_listing(node.path)
         self.inodes.remove_path(node.path)
+
+    def _has_unuploaded_under(self, prefix: str) -> bool:
+        """Whether the cache holds a file under ``prefix`` with changes not uploaded yet."""
+        return any(entry.object_key.startswith(prefix) for entry in self.cache.dirty_entries())
 
     async def _discard_entry(self, object_key: str) -> None:
         """Forget what the cache holds for ``object_key``, after any upload of it in progress."""
@@ -939,8 +939,11 @@ class Filesystem:
         """
         old_prefix, new_prefix = self.directory_prefix(node.path), self.directory_prefix(target_path)
         if replacing is not None:
+            # Before the listing too, as in rmdir: an upload landing meanwhile may be in neither.
+            if self._has_unuploaded_under(new_prefix):
+                raise FsError(errno.ENOTEMPTY)
             left = [key for key in await self.store.keys_with_prefix(new_prefix, 2) if key != new_prefix]
-            if left or any(entry.object_key.startswith(new_prefix) for entry in self.cache.dirty_entries()):
+            if left or self._has_unuploaded_under(new_prefix):
                 raise FsError(errno.ENOTEMPTY)
         objects = await self.store.list_tree(old_prefix)
         dirty = {
