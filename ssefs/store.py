@@ -315,6 +315,20 @@ class ObjectStore:
         except botocore.exceptions.BotoCoreError as error:
             raise ServerUnavailable(f"{operation} {object_key!r} failed: {_first_line(error)}") from None
 
+    async def _quick_or_boto3(
+        self, operation: str, object_key: str, quick: Callable[[], dict[str, Any] | str | None] | None,
+        boto3_call: Callable[[], Any],
+    ) -> Any:
+        """The quick path's answer (in a worker thread) when it has one, else boto3's, which retries
+        and explains what the quick path could not answer."""
+        if quick is not None:
+            answer = await trio.to_thread.run_sync(quick, limiter=self.limiter)
+            if answer == NOT_FOUND:
+                raise NoSuchObject(f"{operation} {object_key!r} in bucket {self.bucket}: no such object")
+            if isinstance(answer, dict):
+                return answer
+        return await self._call(operation, object_key, boto3_call)
+
     def _translate_client_error(
         self, operation: str, object_key: str, error: botocore.exceptions.ClientError
     ) -> SsefsError:
@@ -412,21 +426,14 @@ class ObjectStore:
         self._refuse_pending("HeadObject", object_key)
 
         async def attempt(sse_key: SseKey) -> ObjectInfo:
-            quick = None
-            if self._quick is not None:
-                quick = await trio.to_thread.run_sync(self._quick.head, object_key, sse_key, limiter=self.limiter)
-                if quick == NOT_FOUND:
-                    raise NoSuchObject(f"HeadObject {object_key!r} in bucket {self.bucket}: no such object")
-            if isinstance(quick, dict):
-                response = quick
-            else:  # boto3 retries, and explains, what the quick path could not answer
-                response = await self._call(
-                    "HeadObject",
-                    object_key,
-                    functools.partial(
-                        self._client.head_object, Bucket=self.bucket, Key=object_key, **sse_key.sse_params()
-                    ),
-                )
+            response = await self._quick_or_boto3(
+                "HeadObject",
+                object_key,
+                functools.partial(self._quick.head, object_key, sse_key) if self._quick else None,
+                functools.partial(
+                    self._client.head_object, Bucket=self.bucket, Key=object_key, **sse_key.sse_params()
+                ),
+            )
             self._check_echo("HeadObject", object_key, response, key=sse_key)
             return _info_from_head(object_key, response)
 
@@ -639,22 +646,16 @@ class ObjectStore:
         """
         await self.deletes.settle(object_key)
         content_md5 = base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
-        quick = None
-        if self._quick is not None:
-            quick = await trio.to_thread.run_sync(
-                self._quick.put, object_key, self._key, data, metadata or {}, content_md5, limiter=self.limiter
-            )
-        if quick is not None:
-            response = quick
-        else:  # boto3 retries, and explains, what the quick path could not do
-            response = await self._call(
-                "PutObject",
-                object_key,
-                functools.partial(
-                    self._client.put_object, Bucket=self.bucket, Key=object_key, Body=data,
-                    Metadata=metadata or {}, ContentMD5=content_md5, **self._sse,
-                ),
-            )
+        response = await self._quick_or_boto3(
+            "PutObject",
+            object_key,
+            functools.partial(self._quick.put, object_key, self._key, data, metadata or {}, content_md5)
+            if self._quick else None,
+            functools.partial(
+                self._client.put_object, Bucket=self.bucket, Key=object_key, Body=data,
+                Metadata=metadata or {}, ContentMD5=content_md5, **self._sse,
+            ),
+        )
         self._check_echo("PutObject", object_key, response)
         self._stored_under(object_key, self._key)
         return str(response.get("ETag", "")).strip('"')

@@ -120,6 +120,19 @@ def new_entry(cache: BlockCache, key: str) -> Entry:
     return entry
 
 
+def count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, every ``os.fsync`` (still done) is recorded in the returned list."""
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        fsyncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    return fsyncs
+
+
 def block_file(cache: BlockCache, entry: Entry, index: int) -> Path:
     return cache.directory / "blocks" / str(entry.id) / str(index)
 
@@ -434,14 +447,7 @@ async def test_a_sync_with_nothing_new_writes_and_fsyncs_nothing(cache_dir: Path
     cached = CachedFile(cache, entry, FakeS3().fetch_range)
     await cached.write(0, b"small file")
     await cached.seal_hot()
-    fsyncs: list[int] = []
-    real_fsync = os.fsync
-
-    def counting_fsync(fd: int) -> None:
-        fsyncs.append(fd)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", counting_fsync)
+    fsyncs = count_fsyncs(monkeypatch)
     changes = cache._db.total_changes
     await cache.sync(entry)  # flush
     # The block file, its directory and the journal's log, which holds the entry's row: storing the
@@ -1150,14 +1156,7 @@ async def test_small_blocks_live_in_the_journal_sealed_and_need_one_fsync(cache_
     secret = b"small secret file " * 100
     await cached.write(0, secret)
     await cached.seal_hot()
-    fsyncs: list[int] = []
-    real_fsync = os.fsync
-
-    def counting_fsync(fd: int) -> None:
-        fsyncs.append(fd)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", counting_fsync)
+    fsyncs = count_fsyncs(monkeypatch)
     await cache.sync(entry)
     assert len(fsyncs) == 1  # the journal's log: no block file, no directory
     assert not (cache_dir / "blocks" / str(entry.id)).exists()
