@@ -214,9 +214,10 @@ class ObjectStore:
         self._quick = self._make_quick(session, credentials)
 
     def _make_quick(self, session: boto3.session.Session, explicit: dict[str, str]) -> QuickPath | None:
-        """The lean HEAD path, or None where it cannot follow the client (proxy, no credentials yet)."""
+        """The lean path for HEAD and small PUT/GET, or None where it cannot follow the client
+        (a proxy, no credentials yet)."""
         if not QuickPath.usable_for(self.settings.endpoint):
-            log.info("a proxy is set for %s: HEAD requests go through boto3", self.settings.endpoint)
+            log.info("a proxy is set for %s: every request goes through boto3", self.settings.endpoint)
             return None
         credentials = (
             botocore.credentials.Credentials(explicit["aws_access_key_id"], explicit["aws_secret_access_key"])
@@ -324,10 +325,13 @@ class ObjectStore:
         if quick is not None:
             answer = await trio.to_thread.run_sync(quick, limiter=self.limiter)
             if answer == NOT_FOUND:
-                raise NoSuchObject(f"{operation} {object_key!r} in bucket {self.bucket}: no such object")
+                raise self._not_found(operation, object_key)
             if isinstance(answer, dict):
                 return answer
         return await self._call(operation, object_key, boto3_call)
+
+    def _not_found(self, operation: str, object_key: str) -> NoSuchObject:
+        return NoSuchObject(f"{operation} {object_key!r} in bucket {self.bucket}: no such object")
 
     def _translate_client_error(
         self, operation: str, object_key: str, error: botocore.exceptions.ClientError
@@ -455,9 +459,12 @@ class ObjectStore:
             slow = list(object_keys)
         else:
             # Keys are chosen here, on the trio thread that owns the key index; pending deletes read as absent.
-            wanted = [(object_key, self.key_for(object_key)) for object_key in object_keys
-                      if not self.deletes.is_pending(object_key)]
-            slow = [object_key for object_key in object_keys if self.deletes.is_pending(object_key)]
+            wanted: list[tuple[str, SseKey]] = []
+            for object_key in object_keys:
+                if self.deletes.is_pending(object_key):
+                    slow.append(object_key)
+                else:
+                    wanted.append((object_key, self.key_for(object_key)))
 
             def ask(batch: list[tuple[str, SseKey]]) -> list[dict[str, Any] | str | None]:
                 return [quick_path.head(object_key, sse_key) for object_key, sse_key in batch]
@@ -466,8 +473,7 @@ class ObjectStore:
                 answers = await trio.to_thread.run_sync(ask, batch, limiter=self.limiter)
                 for (object_key, sse_key), answer in zip(batch, answers, strict=True):
                     if answer == NOT_FOUND:
-                        results[object_key] = NoSuchObject(
-                            f"HeadObject {object_key!r} in bucket {self.bucket}: no such object")
+                        results[object_key] = self._not_found("HeadObject", object_key)
                     elif not isinstance(answer, dict):
                         slow.append(object_key)
                     else:
@@ -511,7 +517,7 @@ class ObjectStore:
         def fetch(sse_key: SseKey) -> list[bytes]:
             quick = self._quick.get(object_key, sse_key, offset, length) if self._quick is not None else None
             if quick == NOT_FOUND:
-                raise NoSuchObject(f"GetObject {object_key!r} in bucket {self.bucket}: no such object")
+                raise self._not_found("GetObject", object_key)
             if quick == PAST_THE_END:
                 return []
             if isinstance(quick, dict):
