@@ -15,7 +15,7 @@ only when the server refuses that key (403) try the mount's previous keys,
 remembering the one that worked. Keys whose delete is queued
 (``deletes.DeleteQueue``) read as absent, and a write to one first cancels its
 delete or waits for it. This module knows object keys, not paths, inodes or
-FUSE. HEADs and PUTs and ranged GETs of up to 1 MiB first try ``quickpath``
+FUSE. HEADs, PUTs of up to 1 MiB and ranged GETs first try ``quickpath``
 (the same requests without botocore's per-call CPU); whatever it cannot answer
 goes through boto3 as above.
 """
@@ -515,15 +515,15 @@ class ObjectStore:
         self._refuse_pending("GetObject", object_key)
 
         def fetch(sse_key: SseKey) -> list[bytes]:
-            quick = self._quick.get(object_key, sse_key, offset, length) if self._quick is not None else None
+            quick = (self._quick.get(object_key, sse_key, offset, length, piece_size)
+                     if self._quick is not None else None)
             if quick == NOT_FOUND:
                 raise self._not_found("GetObject", object_key)
             if quick == PAST_THE_END:
                 return []
             if isinstance(quick, dict):
                 self._check_echo("GetObject", object_key, quick, key=sse_key)
-                data = quick["Body"]
-                return [data[start:start + piece_size] for start in range(0, len(data), piece_size)]
+                return quick["Pieces"]
             response = self._client.get_object(
                 Bucket=self.bucket, Key=object_key, Range=f"bytes={offset}-{offset + length - 1}",
                 **sse_key.sse_params(),

@@ -6,6 +6,7 @@ import secrets
 import time
 from typing import Any
 
+import botocore.credentials
 import botocore.exceptions
 import pytest
 
@@ -439,34 +440,42 @@ async def test_a_quick_put_refused_goes_to_boto3_which_explains(endpoint: Seawee
         await store.head("refused")
 
 
-async def test_small_ranged_gets_take_the_quick_path(endpoint: SeaweedEndpoint, bucket: str,
-                                                     sse_key: SseKey) -> None:
-    from ssefs.quickpath import GET_LIMIT, PAST_THE_END
+async def test_ranged_gets_take_the_quick_path_in_pieces(endpoint: SeaweedEndpoint, bucket: str,
+                                                         sse_key: SseKey) -> None:
+    from ssefs.quickpath import NOT_FOUND, PAST_THE_END
 
     store = make_store(endpoint, bucket, sse_key)
     assert store._quick is not None
-    payload = secrets.token_bytes(GET_LIMIT + 5000)
+    piece = 1024 * 1024
+    payload = secrets.token_bytes(3 * piece + 5000)
     await store.put("ranged", payload)  # over PUT_LIMIT: through boto3
     quick_get = store._quick.get
-    answered: list[tuple[int, int]] = []
+    answered: list[tuple[int, int, list[int]]] = []
 
-    def counting(object_key: str, key: SseKey, offset: int, length: int) -> Any:
-        answer = quick_get(object_key, key, offset, length)
+    def counting(object_key: str, key: SseKey, offset: int, length: int, piece_size: int) -> Any:
+        answer = quick_get(object_key, key, offset, length, piece_size)
         if isinstance(answer, dict):
-            answered.append((offset, length))
+            answered.append((offset, length, [len(part) for part in answer["Pieces"]]))
         return answer
 
     store._quick.get = counting  # type: ignore[method-assign]
     assert await store.get_range("ranged", 0, 4096) == payload[:4096]
-    assert await store.get_range("ranged", GET_LIMIT, GET_LIMIT) == payload[GET_LIMIT:]  # fewer at the end
+    assert await store.get_range("ranged", 3 * piece, piece) == payload[3 * piece:]  # fewer at the end
     assert await store.get_pieces("ranged", 10, 3000, 1000) == [payload[10:1010], payload[1010:2010],
                                                                payload[2010:3010]]
-    assert await store.get_range("ranged", 0, len(payload)) == payload  # over GET_LIMIT: through boto3
-    assert answered == [(0, 4096), (GET_LIMIT, GET_LIMIT), (10, 3000)]
-    assert quick_get("ranged", sse_key, len(payload), 10) == PAST_THE_END
+    # A read-ahead sized GET: read from the socket piece by piece, the last piece shorter.
+    assert await store.get_pieces("ranged", piece, 8 * piece, piece) == [
+        payload[piece:2 * piece], payload[2 * piece:3 * piece], payload[3 * piece:]]
+    assert answered == [(0, 4096, [4096]), (3 * piece, piece, [5000]), (10, 3000, [1000, 1000, 1000]),
+                        (piece, 8 * piece, [piece, piece, 5000])]
+    assert quick_get("ranged", sse_key, len(payload), 10, 10) == PAST_THE_END
     assert await store.get_range("ranged", len(payload) + 5, 10) == b""
+    assert quick_get("absent", sse_key, 0, 10, 10) == NOT_FOUND
     with pytest.raises(NoSuchObject):
         await store.get_range("absent", 0, 10)
+    # After error answers whose bodies were drained, the pooled connections still serve correctly.
+    for _ in range(8):
+        assert quick_get("ranged", sse_key, 5, 20, 20)["Pieces"] == [payload[5:25]]  # type: ignore[index]
 
 
 async def test_the_quick_path_verifies_the_server_certificate(endpoint: SeaweedEndpoint, bucket: str,
@@ -481,3 +490,43 @@ async def test_the_quick_path_verifies_the_server_certificate(endpoint: SeaweedE
     assert store._quick.put("anything", sse_key, b"x", {}, "") is None
     with pytest.raises(ServerUnavailable, match="TLS"):
         await store.head("anything")
+
+
+def test_a_quick_get_whose_body_ends_short_is_left_to_boto3(sse_key: SseKey) -> None:
+    """A server that declares 100 bytes and sends 50: the quick path answers None (boto3 reads again),
+    never the short body as if it were whole. Plain HTTP on loopback, a one-shot server."""
+    import socket
+    import threading
+
+    import boto3
+
+    from ssefs.quickpath import QuickPath
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    requests: list[bytes] = []
+
+    def serve() -> None:
+        for answer in (b"HTTP/1.1 206 Partial Content\r\nContent-Length: 100\r\n\r\n" + b"x" * 50,
+                       b"HTTP/1.1 200 OK\r\nContent-Length: 4000\r\n\r\n" + b"y" * 4000):
+            connection, _ = listener.accept()
+            with connection:
+                requests.append(connection.recv(65536))
+                connection.sendall(answer)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                          aws_access_key_id="id", aws_secret_access_key="secret")
+    credentials = botocore.credentials.Credentials("id", "secret")
+    quick = QuickPath(client, credentials, "bucket", ca_bundle=None, max_connections=1,
+                      connect_timeout=2, read_timeout=2)
+    try:
+        assert quick.get("cut", sse_key, 0, 100, 10) is None
+        # A 200 (the whole object) for a range that starts later is not the bytes asked for.
+        assert quick.get("whole", sse_key, 10, 100, 10) is None
+    finally:
+        listener.close()
+        server.join(timeout=5)
+    assert [request.split(b" ", 2)[:2] for request in requests] == [[b"GET", b"/bucket/cut"],
+                                                                    [b"GET", b"/bucket/whole"]]
