@@ -22,11 +22,13 @@ that route.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import logging
 import urllib.request
+import xml.etree.ElementTree as ElementTree
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote_plus, urlencode, urlsplit
 
 import botocore.auth
 import botocore.awsrequest
@@ -47,6 +49,7 @@ NOT_FOUND = "not found"
 PAST_THE_END = "range past the end"
 # Larger bodies go through boto3, whose retries and 100-continue suit long uploads.
 PUT_LIMIT = 1024 * 1024
+S3_NAMESPACE = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
 class QuickPath:
@@ -80,12 +83,15 @@ class QuickPath:
         return not (urllib.request.getproxies().get(url.scheme) and not urllib.request.proxy_bypass(url.netloc))
 
     def _send(self, method: str, object_key: str, headers: dict[str, str], body: bytes | None = None,
-              *, preload: bool = True) -> Any:
+              *, preload: bool = True, query: str = "") -> Any:
         """Sign and send one request; None if it could not be sent or answered. Without ``preload``
-        the body is left for the caller to read (and the connection to release)."""
+        the body is left for the caller to read (and the connection to release). An empty
+        ``object_key`` with a ``query`` addresses the bucket."""
         if any(part in (".", "..") for part in object_key.split("/")):
             return None  # urllib3 would resolve the dot segment, asking for another object
         target = self._path_prefix + quote(object_key, safe="/~")
+        if query:
+            target = (target.rstrip("/") or "/") + "?" + query
         request = botocore.awsrequest.AWSRequest(method=method, url=self._base + target, headers=headers, data=body)
         # Over TLS the body is not hashed for the signature (as in store.py's client); over HTTP it is.
         request.context["payload_signing_enabled"] = not self._base.startswith("https://")
@@ -178,3 +184,54 @@ class QuickPath:
             "Metadata": metadata,
             "SSECustomerKeyMD5": headers.get(ECHO_HEADER),
         }
+
+    def list_page(self, prefix: str, *, delimiter: str | None, max_keys: int,
+                  continuation: str | None) -> dict[str, Any] | None:
+        """One ListObjectsV2 page, shaped as boto3 returns it (``Contents`` with Key, Size, ETag and
+        LastModified; ``CommonPrefixes``; ``IsTruncated``; ``NextContinuationToken``), or None: ask boto3.
+
+        Keys come URL-encoded (``encoding-type=url``, as boto3 asks) so that any key survives XML.
+        """
+        parameters = {"list-type": "2", "prefix": prefix, "max-keys": str(max_keys), "encoding-type": "url"}
+        if delimiter is not None:
+            parameters["delimiter"] = delimiter
+        if continuation is not None:
+            parameters["continuation-token"] = continuation
+        response = self._send("GET", "", {}, query=urlencode(sorted(parameters.items()), quote_via=quote, safe="~"))
+        if response is None or response.status != 200:
+            return None
+        try:
+            return _parse_list_page(response.data)
+        except (ElementTree.ParseError, ValueError, TypeError, AttributeError) as error:
+            log.debug("quick LIST of %r: unreadable answer (%s); asking boto3", prefix, type(error).__name__)
+            return None
+
+
+def _parse_list_page(document: bytes) -> dict[str, Any] | None:
+    root = ElementTree.fromstring(document)
+    if root.tag != S3_NAMESPACE + "ListBucketResult":
+        return None
+    url_encoded = root.findtext(S3_NAMESPACE + "EncodingType") == "url"
+
+    def key_text(element: ElementTree.Element, name: str) -> str:
+        text = element.findtext(S3_NAMESPACE + name)
+        if text is None:
+            raise ValueError(f"no {name}")
+        return unquote_plus(text) if url_encoded else text
+
+    contents = []
+    for item in root.iterfind(S3_NAMESPACE + "Contents"):
+        modified = item.findtext(S3_NAMESPACE + "LastModified")
+        contents.append({
+            "Key": key_text(item, "Key"),
+            "Size": int(item.findtext(S3_NAMESPACE + "Size") or 0),
+            "ETag": item.findtext(S3_NAMESPACE + "ETag") or "",
+            "LastModified": datetime.datetime.fromisoformat(modified) if modified else None,
+        })
+    return {
+        "Contents": contents,
+        "CommonPrefixes": [{"Prefix": key_text(common, "Prefix")}
+                           for common in root.iterfind(S3_NAMESPACE + "CommonPrefixes")],
+        "IsTruncated": root.findtext(S3_NAMESPACE + "IsTruncated") == "true",
+        "NextContinuationToken": root.findtext(S3_NAMESPACE + "NextContinuationToken"),
+    }

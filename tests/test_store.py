@@ -375,10 +375,11 @@ async def test_head_many_answers_each_key_like_head(endpoint: SeaweedEndpoint, b
     assert all(again[name] == answers[name] for name in names[1:])
 
 
-async def test_the_listing_model_is_loaded_at_the_bucket_check(
+async def test_a_first_listing_loads_no_botocore_model(
     endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Loading botocore's paginator model costs about 0.25 s: the start-up check pays it, not the first `ls`."""
+    """Loading botocore's paginator model costs about 0.25 s: listings, quick or through boto3,
+    use none, so the first `ls` of a mount does not pay it."""
     import botocore.loaders
 
     store = make_store(endpoint, bucket, sse_key)
@@ -389,6 +390,8 @@ async def test_the_listing_model_is_loaded_at_the_bucket_check(
         raise AssertionError("a botocore model was loaded after the start-up check")
 
     monkeypatch.setattr(botocore.loaders.Loader, "load_service_model", no_more_loading)
+    assert [info.key for info in (await store.list_children("")).objects] == ["listed"]
+    store._quick = None
     assert [info.key for info in (await store.list_children("")).objects] == ["listed"]
 
 
@@ -530,3 +533,44 @@ def test_a_quick_get_whose_body_ends_short_is_left_to_boto3(sse_key: SseKey) -> 
         server.join(timeout=5)
     assert [request.split(b" ", 2)[:2] for request in requests] == [[b"GET", b"/bucket/cut"],
                                                                     [b"GET", b"/bucket/whole"]]
+
+
+async def test_quick_listings_match_the_names_stored(endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey,
+                                                     s3: Any) -> None:
+    """Names that need URL or XML escaping come back from the quick LIST exactly as stored, page after
+    page, with sub-prefixes; and the same as boto3 lists them."""
+    store = make_store(endpoint, bucket, sse_key)
+    assert store._quick is not None
+    names = ["d/a b.txt", "d/plus+sign", "d/per%cent", "d/ü nicode", "d/tilde~", "d/q?mark", "d/hash#",
+             "d/amp&<lt>\"'", "d/sub/inner", "d/sub2/x/y", "d/z"]
+    for name in names:
+        await store.put(name, b"x")
+    quick_list_page = store._quick.list_page
+    pages: list[int] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        page = quick_list_page(*args, **kwargs)
+        if page is not None:
+            pages.append(len(page["Contents"]) + len(page["CommonPrefixes"]))
+        return page
+
+    store._quick.list_page = counting  # type: ignore[method-assign]
+    listing = await store.list_children("d/")
+    files = sorted(name for name in names if name.count("/") == 1)
+    assert sorted(info.key for info in listing.objects) == files
+    assert sorted(listing.prefixes) == ["sub", "sub2"]
+    assert pages == [len(files) + 2]
+    # Two entries a page: the continuation tokens carry the listing on, every page the quick way.
+    pages.clear()
+    paged = [item["Key"] for page in store._list_pages("d/", max_keys=2) for item in page["Contents"]]
+    assert paged == sorted(names)
+    assert pages == [2] * (len(names) // 2) + [len(names) % 2]
+    assert [info.key for info in await store.list_tree("d/")] == sorted(names)
+    assert (await store.first_object_with_prefix("d/p")) is not None
+    assert await store.keys_with_prefix("d/sub", 5) == ["d/sub/inner", "d/sub2/x/y"]
+    # boto3's view of the same listing, sizes and times included.
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="d/")["Contents"]
+    quick = quick_list_page("d/", delimiter=None, max_keys=1000, continuation=None)
+    assert quick is not None
+    assert [(item["Key"], item["Size"], item["ETag"], item["LastModified"]) for item in quick["Contents"]] == [
+        (item["Key"], item["Size"], item["ETag"], item["LastModified"]) for item in listed]
