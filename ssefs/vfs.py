@@ -597,7 +597,9 @@ class Filesystem:
         if entry is not None and (entry.dirty or not node.etag):
             async with entry.lock:
                 self.cache.change_attributes(entry, wanted)
-            await self.cache.sync_journal()
+            # Durable with the next sync (close, fsync, the upload's start), not an fsync of its own:
+            # a power cut may lose a chmod or utime not yet synced, as on a local filesystem, where
+            # tar -x paid three fsyncs per file for them (a process crash loses nothing: committed).
             if not entry.open_writers:
                 self.writeback.schedule(entry)
         else:
