@@ -74,7 +74,6 @@ STRAY_UPLOAD_WINDOW_SECONDS = 300.0
 
 # Keys per worker-thread hop in head_many: big enough that the hop is noise, small enough that
 # a directory of a few hundred files still spreads over all connections.
-HEAD_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -442,9 +441,10 @@ class ObjectStore:
     async def head_many(self, object_keys: list[str]) -> dict[str, ObjectInfo | SsefsError]:
         """Each object's ``head``, or the error it raised; many in flight.
 
-        The quick path takes a batch of keys per worker-thread hop: at thousands of
-        HEADs (``ls -l`` of a directory written by others) one hop per key cost
-        about a quarter of the CPU. What it cannot answer goes through ``head``.
+        The quick path takes a batch of keys per worker-thread hop (``QuickPath.head_many``:
+        through libcurl, many in flight from one thread): at thousands of HEADs (``ls -l`` of
+        a directory written by others) one hop per key cost about a quarter of the CPU. What
+        it cannot answer goes through ``head``.
         """
         results: dict[str, ObjectInfo | SsefsError] = {}
         slow: list[str] = []
@@ -460,11 +460,12 @@ class ObjectStore:
                 else:
                     wanted.append((object_key, self.key_for(object_key)))
 
-            def ask(batch: list[tuple[str, SseKey]]) -> list[dict[str, Any] | str | None]:
-                return [quick_path.head(object_key, sse_key) for object_key, sse_key in batch]
+            batch_size, at_once = quick_path.head_batching
+            hops = trio.CapacityLimiter(at_once)
 
             async def ask_batch(batch: list[tuple[str, SseKey]]) -> None:
-                answers = await trio.to_thread.run_sync(ask, batch, limiter=self.limiter)
+                async with hops:
+                    answers = await trio.to_thread.run_sync(quick_path.head_many, batch, limiter=self.limiter)
                 for (object_key, sse_key), answer in zip(batch, answers, strict=True):
                     if answer == NOT_FOUND:
                         results[object_key] = self._not_found("HeadObject", object_key)
@@ -478,8 +479,8 @@ class ObjectStore:
                             results[object_key] = error
 
             async with trio.open_nursery() as nursery:
-                for start in range(0, len(wanted), HEAD_BATCH):
-                    nursery.start_soon(ask_batch, wanted[start:start + HEAD_BATCH])
+                for start in range(0, len(wanted), batch_size):
+                    nursery.start_soon(ask_batch, wanted[start:start + batch_size])
 
         async def head_one(object_key: str) -> None:
             try:

@@ -375,6 +375,40 @@ async def test_head_many_answers_each_key_like_head(endpoint: SeaweedEndpoint, b
     assert all(again[name] == answers[name] for name in names[1:])
 
 
+async def test_quick_head_batches_go_through_libcurl_and_answer_like_urllib3(
+    endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Names that need escaping, metadata, a missing key, a key under another SSE key and a dot
+    segment: libcurl's batch answers exactly as the one-at-a-time urllib3 HEAD does (None where that
+    one must ask boto3), and its session, with its connections, serves the next batch too."""
+    from ssefs import quickpath
+
+    assert quickpath.pycurl is not None
+    store = make_store(endpoint, bucket, sse_key)
+    quick = store._quick
+    assert quick is not None
+    names = ["b/a b.txt", "b/plus+sign", "b/per%cent", "b/ü nicode", "b/tilde~", "b/q?mark", "b/hash#"]
+    for index, name in enumerate(names):
+        await store.put(name, b"z" * index, {"mode": str(33188 + index), "mtime": "1700000000.5"})
+    other = SseKey(secrets.token_bytes(32))
+    asked = [(name, sse_key) for name in names] + [
+        ("b/missing", sse_key), ("b/a b.txt", other), ("b/./a b.txt", sse_key)]
+
+    def answers_of(batch: list[tuple[str, SseKey]]) -> list[Any]:
+        return [{name: value for name, value in answer.items() if name != "LastModified"}
+                if isinstance(answer, dict) else answer for answer in quick.head_many(batch)]
+
+    through_curl = answers_of(asked)
+    assert quick._curl_sessions.qsize() == 1
+    assert answers_of(asked) == through_curl and quick._curl_sessions.qsize() == 1  # the session is reused
+    for index, answer in enumerate(through_curl[:len(names)]):
+        assert answer["ContentLength"] == index and answer["Metadata"]["mode"] == str(33188 + index)
+    assert through_curl[len(names):] == [quickpath.NOT_FOUND, None, None]
+    monkeypatch.setattr(quickpath, "pycurl", None)
+    assert quick.head_batching == (quickpath.URLLIB3_HEAD_BATCH, store.settings.max_connections)
+    assert answers_of(asked) == through_curl
+
+
 async def test_a_first_listing_loads_no_botocore_model(
     endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -490,6 +524,7 @@ async def test_the_quick_path_verifies_the_server_certificate(endpoint: SeaweedE
     store = ObjectStore(settings, sse_key)
     assert store._quick is not None
     assert store._quick.head("anything", sse_key) is None
+    assert store._quick.head_many([("anything", sse_key)]) == [None]  # libcurl refuses it too
     assert store._quick.put("anything", sse_key, b"x", {}, "") is None
     with pytest.raises(ServerUnavailable, match="TLS"):
         await store.head("anything")
