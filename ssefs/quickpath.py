@@ -57,12 +57,13 @@ PAST_THE_END = "range past the end"
 # Larger bodies go through boto3, whose retries and 100-continue suit long uploads.
 PUT_LIMIT = 1024 * 1024
 S3_NAMESPACE = "{http://s3.amazonaws.com/doc/2006-03-01/}"
-# head_many: through urllib3, keys per worker-thread hop (one hop per HEAD cost a quarter of the CPU);
-# through libcurl, keys per hop and hops at once, which share max_connections (two, so that one's
-# slowest answers do not leave the line idle).
+# head_many: through urllib3, keys per worker-thread hop (one hop per HEAD cost a quarter of the CPU)
+# and hops at once; through libcurl, keys per hop and one hop at a time, with all max_connections in
+# flight from its thread (two threads of half as many: 3,745-4,222 against 4,510 entries/s of ls -l).
 URLLIB3_HEAD_BATCH = 16
 CURL_HEAD_BATCH = 256
-CURL_SESSIONS = 2
+CURL_SESSIONS = 1
+EMPTY_PAYLOAD_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 
 class QuickPath:
@@ -199,28 +200,39 @@ class QuickPath:
 
     def head_many(self, batch: list[tuple[str, SseKey]]) -> list[dict[str, Any] | str | None]:
         """``head`` of each (object key, SSE key), in order. With libcurl, ``max_connections //
-        CURL_SESSIONS`` HEADs are in flight at once from this one thread (a quarter of the CPU per
-        HEAD of urllib3, three times the HEADs per second against SeaweedFS); else one after another."""
-        if pycurl is None:
+        CURL_SESSIONS`` HEADs are in flight at once from this one thread, signed by libcurl's own
+        SigV4 (``CURLOPT_AWS_SIGV4``): against SeaweedFS 70-90 µs of CPU per HEAD, where urllib3
+        and botocore's signer take 570, and three to four times the HEADs per second. Without
+        libcurl, one after another."""
+        if pycurl is None or not self._region:
             return [self.head(object_key, key) for object_key, key in batch]
+        try:
+            credentials = self._credentials.get_frozen_credentials()
+        except botocore.exceptions.BotoCoreError:
+            credentials = None
+        if credentials is None or not credentials.access_key or not credentials.secret_key:
+            return [None] * len(batch)  # boto3 reports what is wrong with the credentials
         try:
             session = self._curl_sessions.get_nowait()
         except queue.Empty:
             session = _CurlSession(max(1, self._max_connections // CURL_SESSIONS), self._trusted, self._timeouts_ms)
+        session.sign_as(credentials.access_key, credentials.secret_key, self._region)
         try:
-            return session.heads([self._curl_head_request(object_key, key) for object_key, key in batch])
+            return session.heads([self._curl_head_request(object_key, key, credentials.token)
+                                  for object_key, key in batch])
         finally:
+            session.forget_credentials()
             self._curl_sessions.put(session)
 
-    def _curl_head_request(self, object_key: str, key: SseKey) -> tuple[str, list[str]] | None:
+    def _curl_head_request(self, object_key: str, key: SseKey, token: str | None) -> tuple[str, list[str]] | None:
         if any(part in (".", "..") for part in object_key.split("/")):
             return None  # libcurl would resolve the dot segment, asking for another object
-        target = self._path_prefix + quote(object_key, safe="/~")
-        try:
-            signed = self._signed_headers("HEAD", target, key.sse_headers())
-        except botocore.exceptions.BotoCoreError:
-            return None
-        return self._base + target, [f"{name}: {value}" for name, value in signed.items()]
+        headers = key.sse_headers()
+        headers["x-amz-content-sha256"] = EMPTY_PAYLOAD_SHA256  # a HEAD has no body
+        if token:
+            headers["x-amz-security-token"] = token  # signed with the other headers
+        url = self._base + self._path_prefix + quote(object_key, safe="/~")
+        return url, [f"{name}: {value}" for name, value in headers.items()]
 
     def list_page(self, prefix: str, *, delimiter: str | None, max_keys: int,
                   continuation: str | None) -> dict[str, Any] | None:
@@ -356,6 +368,18 @@ class _CurlSession:
             if busy:
                 self._multi.select(1.0)
         return answers
+
+    def sign_as(self, access_key: str, secret_key: str, region: str) -> None:
+        """Have libcurl sign the next requests with SigV4 for S3 in ``region`` (every header sent
+        is signed, as S3 requires of the x-amz-* ones)."""
+        for handle in self._idle:
+            handle.setopt(pycurl.AWS_SIGV4, f"aws:amz:{region}:s3")
+            handle.setopt(pycurl.USERNAME, access_key)
+            handle.setopt(pycurl.PASSWORD, secret_key)
+
+    def forget_credentials(self) -> None:
+        for handle in self._idle:
+            handle.setopt(pycurl.PASSWORD, "")
 
     def _release(self, handle: pycurl.Curl) -> None:
         self._multi.remove_handle(handle)

@@ -11,7 +11,7 @@ import botocore.exceptions
 import pytest
 
 from ssefs.config import S3Settings
-from ssefs.errors import NoSuchObject, NotEncrypted, ServerUnavailable, StartupCheckError, WrongKey
+from ssefs.errors import NoSuchObject, NotEncrypted, ServerUnavailable, SsefsError, StartupCheckError, WrongKey
 from ssefs.keys import SseKey
 from ssefs.seaweed import SeaweedEndpoint
 from ssefs.store import ObjectInfo, ObjectStore, _echoed_md5_matches
@@ -407,6 +407,28 @@ async def test_quick_head_batches_go_through_libcurl_and_answer_like_urllib3(
     monkeypatch.setattr(quickpath, "pycurl", None)
     assert quick.head_batching == (quickpath.URLLIB3_HEAD_BATCH, store.settings.max_connections)
     assert answers_of(asked) == through_curl
+
+
+async def test_libcurl_signs_its_heads_and_a_wrong_secret_is_refused(endpoint: SeaweedEndpoint, bucket: str,
+                                                                     sse_key: SseKey) -> None:
+    """libcurl signs the HEAD batches itself (SigV4): the server checks the signature, so with a
+    wrong secret every answer is None (boto3 then reports the credentials), never a 200 or 404."""
+    store = make_store(endpoint, bucket, sse_key)
+    await store.put("signed", b"s", {"mode": "33188"})
+    quick = store._quick
+    assert quick is not None
+    assert [answer["Metadata"] if isinstance(answer, dict) else answer
+            for answer in quick.head_many([("signed", sse_key)])] == [{"mode": "33188"}]
+    settings = S3Settings(endpoint=endpoint.endpoint, bucket=bucket, region=endpoint.region,
+                          ca_bundle=endpoint.ca_bundle, access_key_id=endpoint.access_key_id,
+                          secret_access_key="not-the-secret", max_attempts=1)
+    wrong_store = ObjectStore(settings, sse_key)
+    wrong = wrong_store._quick
+    assert wrong is not None
+    assert wrong.head_many([("signed", sse_key), ("absent", sse_key)]) == [None, None]
+    answers = await wrong_store.head_many(["signed", "absent"])  # boto3 then explains, per key
+    assert all(isinstance(answer, SsefsError) and not isinstance(answer, NoSuchObject)
+               for answer in answers.values()), answers
 
 
 async def test_a_first_listing_loads_no_botocore_model(
