@@ -67,8 +67,8 @@ EMPTY_PAYLOAD_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b
 
 
 class QuickPath:
-    """HEAD, PUT and ranged GET of one object under an SSE-C key, signed by botocore and sent straight
-    through urllib3."""
+    """HEAD, PUT and ranged GET of one object under an SSE-C key and listing pages, signed by botocore
+    and sent straight through urllib3; batches of HEADs through libcurl, which signs them itself."""
 
     def __init__(self, client: Any, credentials: botocore.credentials.Credentials, bucket: str, *,
                  ca_bundle: str | None, max_connections: int, connect_timeout: float, read_timeout: float) -> None:
@@ -218,11 +218,16 @@ class QuickPath:
             session = _CurlSession(max(1, self._max_connections // CURL_SESSIONS), self._trusted, self._timeouts_ms)
         session.sign_as(credentials.access_key, credentials.secret_key, self._region)
         try:
-            return session.heads([self._curl_head_request(object_key, key, credentials.token)
-                                  for object_key, key in batch])
-        finally:
-            session.forget_credentials()
-            self._curl_sessions.put(session)
+            answers = session.heads([self._curl_head_request(object_key, key, credentials.token)
+                                     for object_key, key in batch])
+        except pycurl.error as error:
+            # A session that failed midway may hold requests in flight: it is dropped, not reused.
+            log.debug("quick HEAD batch failed in libcurl (%s); asking again", type(error).__name__)
+            session.close()
+            return [None] * len(batch)
+        session.forget_credentials()
+        self._curl_sessions.put(session)
+        return answers
 
     def _curl_head_request(self, object_key: str, key: SseKey, token: str | None) -> tuple[str, list[str]] | None:
         if any(part in (".", "..") for part in object_key.split("/")):
@@ -315,6 +320,8 @@ class _CurlSession:
         assert pycurl is not None
         self._multi = pycurl.CurlMulti()
         self._idle: list[pycurl.Curl] = []
+        # Handles with a request in flight: (its number in the batch, the header lines it received).
+        self._busy: dict[pycurl.Curl, tuple[int, list[bytes]]] = {}
         for _ in range(max(1, width)):
             handle = pycurl.Curl()
             handle.setopt(pycurl.NOBODY, 1)
@@ -337,7 +344,8 @@ class _CurlSession:
         answers: list[dict[str, Any] | str | None] = [None] * len(requests)
         waiting = [number for number, request in enumerate(requests) if request is not None]
         waiting.reverse()
-        busy: dict[pycurl.Curl, tuple[int, list[bytes]]] = {}
+        busy = self._busy
+        busy.clear()
         while waiting or busy:
             while waiting and self._idle:
                 number = waiting.pop()
@@ -380,6 +388,12 @@ class _CurlSession:
     def forget_credentials(self) -> None:
         for handle in self._idle:
             handle.setopt(pycurl.PASSWORD, "")
+
+    def close(self) -> None:
+        """Free the handles and their connections (and with them the credentials set on them)."""
+        for handle in [*self._idle, *self._busy]:
+            handle.close()
+        self._multi.close()
 
     def _release(self, handle: pycurl.Curl) -> None:
         self._multi.remove_handle(handle)

@@ -404,6 +404,17 @@ async def test_quick_head_batches_go_through_libcurl_and_answer_like_urllib3(
     for index, answer in enumerate(through_curl[:len(names)]):
         assert answer["ContentLength"] == index and answer["Metadata"]["mode"] == str(33188 + index)
     assert through_curl[len(names):] == [quickpath.NOT_FOUND, None, None]
+    # A libcurl failure midway: the batch is asked again elsewhere (None), the session not reused.
+    session = quick._curl_sessions.get_nowait()
+
+    def broken(requests: list[Any]) -> list[Any]:
+        raise quickpath.pycurl.error(7, "failed midway")
+
+    monkeypatch.setattr(session, "heads", broken)
+    quick._curl_sessions.put(session)
+    assert quick.head_many(asked[:2]) == [None, None]
+    assert quick._curl_sessions.qsize() == 0
+    assert answers_of(asked) == through_curl  # a new session serves the next batch
     monkeypatch.setattr(quickpath, "pycurl", None)
     assert quick.head_batching == (quickpath.URLLIB3_HEAD_BATCH, store.settings.max_connections)
     assert answers_of(asked) == through_curl
