@@ -15,9 +15,9 @@ only when the server refuses that key (403) try the mount's previous keys,
 remembering the one that worked. Keys whose delete is queued
 (``deletes.DeleteQueue``) read as absent, and a write to one first cancels its
 delete or waits for it. This module knows object keys, not paths, inodes or
-FUSE. HEADs, PUTs of up to 1 MiB and ranged GETs first try ``quickpath``
-(the same requests without botocore's per-call CPU); whatever it cannot answer
-goes through boto3 as above.
+FUSE. HEADs, PUTs of up to 1 MiB, ranged GETs and listing pages first try
+``quickpath`` (the same requests without botocore's per-call CPU); whatever it
+cannot answer goes through boto3 as above.
 """
 
 from __future__ import annotations
@@ -71,9 +71,6 @@ LIST_PAGE = 1000
 # skew, retries) are taken for its strays and aborted.
 PENDING_CREATE_PREFIX = "pending-create:"
 STRAY_UPLOAD_WINDOW_SECONDS = 300.0
-
-# Keys per worker-thread hop in head_many: big enough that the hop is noise, small enough that
-# a directory of a few hundred files still spreads over all connections.
 
 
 @dataclass(frozen=True)
