@@ -62,7 +62,6 @@ S3_NAMESPACE = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 # flight from its thread (two threads of half as many: 3,745-4,222 against 4,510 entries/s of ls -l).
 URLLIB3_HEAD_BATCH = 16
 CURL_HEAD_BATCH = 256
-CURL_SESSIONS = 1
 EMPTY_PAYLOAD_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 
@@ -196,11 +195,11 @@ class QuickPath:
     @property
     def head_batching(self) -> tuple[int, int]:
         """For ``head_many``: how many keys to hand over per call, and how many calls to run at once."""
-        return (CURL_HEAD_BATCH, CURL_SESSIONS) if pycurl is not None else (URLLIB3_HEAD_BATCH, self._max_connections)
+        return (CURL_HEAD_BATCH, 1) if pycurl is not None else (URLLIB3_HEAD_BATCH, self._max_connections)
 
     def head_many(self, batch: list[tuple[str, SseKey]]) -> list[dict[str, Any] | str | None]:
-        """``head`` of each (object key, SSE key), in order. With libcurl, ``max_connections //
-        CURL_SESSIONS`` HEADs are in flight at once from this one thread, signed by libcurl's own
+        """``head`` of each (object key, SSE key), in order. With libcurl, ``max_connections`` HEADs
+        are in flight at once from this one thread, signed by libcurl's own
         SigV4 (``CURLOPT_AWS_SIGV4``): against SeaweedFS 70-90 µs of CPU per HEAD, where urllib3
         and botocore's signer take 570, and three to four times the HEADs per second. Without
         libcurl, one after another."""
@@ -215,7 +214,7 @@ class QuickPath:
         try:
             session = self._curl_sessions.get_nowait()
         except queue.Empty:
-            session = _CurlSession(max(1, self._max_connections // CURL_SESSIONS), self._trusted, self._timeouts_ms)
+            session = _CurlSession(self._max_connections, self._trusted, self._timeouts_ms)
         session.sign_as(credentials.access_key, credentials.secret_key, self._region)
         try:
             answers = session.heads([self._curl_head_request(object_key, key, credentials.token)
