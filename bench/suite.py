@@ -54,12 +54,16 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import trio
 from botocore.config import Config as BotoConfig
 from peers import PEERS, Peer, PeerError, S3Target  # bench/ is on sys.path when a script here runs
 from tqdm import tqdm
 from write_rss import rss_bytes
 
+from ssefs.config import S3Settings
+from ssefs.keys import SseKey
 from ssefs.seaweed import SeaweedEndpoint, SeaweedServer, find_weed_binary
+from ssefs.store import ObjectInfo, ObjectStore
 
 MiB = 2**20
 GiB = 2**30
@@ -584,12 +588,42 @@ def seq_write(h: Harness, r: Result) -> None:
     os.sync()
     with bar(size, "boto3 multipart", "B", scale=True) as progress:
         direct = h.put_repeated("direct/seq_write.bin", size, progress)
-    r.details.update(bytes=size, close_seconds=closed, durable_seconds=durable, boto3_seconds=direct)
+    os.unlink(path)
+    h.client.delete_object(Bucket=BUCKET, Key="direct/seq_write.bin")
+    # The most that uploading while writing could give on this machine: the same write into the mount with
+    # the same upload running beside it (from memory, in this process), both done. Each slows the other
+    # down: they share the CPU with the server.
+    overlap_path = h.mountpoint / "seq_write_overlap.bin"
+    os.sync()
+    writer_seconds: list[float] = []
+
+    def write_beside() -> None:
+        written_started = time.monotonic()
+        with open(overlap_path, "wb", buffering=0) as out:
+            written = 0
+            while written < size:
+                written += out.write(h.block[: min(CHUNK, size - written)])
+        writer_seconds.append(time.monotonic() - written_started)
+
+    with bar(size, "write beside boto3 multipart", "B", scale=True) as progress:
+        both_started = time.monotonic()
+        writer = threading.Thread(target=write_beside)
+        writer.start()
+        upload_beside = h.put_repeated("direct/seq_write_overlap.bin", size, progress)
+        writer.join()
+        both = time.monotonic() - both_started
+    os.unlink(overlap_path)
+    h.client.delete_object(Bucket=BUCKET, Key="direct/seq_write_overlap.bin")
+    if not writer_seconds:
+        raise AssertionError("the write beside the upload failed")
+    r.details.update(bytes=size, close_seconds=closed, durable_seconds=durable, boto3_seconds=direct,
+                     beside_each_other_seconds={"write": writer_seconds[0], "boto3 multipart": upload_beside,
+                                                "both": both})
     r.row(f"{mib:.0f} MiB write, until close()", "MiB/s", rate(mib, closed), rate(mib, direct), "boto3 multipart")
     r.row(f"{mib:.0f} MiB write, until durable (fsync)", "MiB/s", rate(mib, durable), rate(mib, direct),
           "boto3 multipart")
-    os.unlink(path)
-    h.client.delete_object(Bucket=BUCKET, Key="direct/seq_write.bin")
+    r.row(f"{mib:.0f} MiB write and boto3 upload at once (bound for uploading while writing)", "MiB/s",
+          rate(mib, both), rate(mib, direct), "boto3 multipart")
 
 
 def seq_read(h: Harness, r: Result) -> None:
@@ -714,9 +748,10 @@ def small_files(h: Harness, r: Result) -> None:
     files = [(f"f{index:05d}", rng.randrange(1024, 8 * 1024 + 1), rng.randrange(0, CHUNK - 8192))
              for index in range(count)]
 
-    def through_mount(directory: Path, prefix: str, who: str, phases: dict[str, float]) -> tuple[float, int]:
+    def through_mount(directory: Path, prefix: str | None, who: str, phases: dict[str, float]) -> tuple[float, int]:
         """Create, (wait for the uploads), stat, read and delete every file in ``directory`` of a mount; fills
-        ``phases`` ("WHO create", ...); returns the seconds until all files were in S3 and the objects left."""
+        ``phases`` ("WHO create", ...); returns the seconds until all files were in S3 and the objects left
+        (``prefix`` None: a mount that keeps nothing in S3, the pyfuse3 floor)."""
 
         def timed(name: str, action: Callable[[str, int, int], None]) -> None:
             r.start(h)
@@ -724,7 +759,8 @@ def small_files(h: Harness, r: Result) -> None:
             for name_, length, start in tqdm(files, desc=f"  {name}", leave=False, position=1):
                 action(name_, length, start)
             phases[name] = time.monotonic() - started
-            r.phase(h, name)  # the ssefs daemon's RSS (idle while a peer runs)
+            if prefix is not None:
+                r.phase(h, name)  # the ssefs daemon's RSS (idle while a peer runs)
 
         def create(name: str, length: int, start: int) -> None:
             with open(directory / name, "wb") as out:
@@ -746,16 +782,19 @@ def small_files(h: Harness, r: Result) -> None:
         timed(f"{who} create", create)
         # ssefs and rclone upload each file a few seconds after its close (write-back); s3fs at close.
         # Wait until all are in S3.
-        r.start(h)
-        uploaded = phases[f"{who} create"] + h.wait_for_objects(prefix, count)
-        r.phase(h, "wait for uploads" if who == "ssefs" else f"{who} wait for uploads")
+        if prefix is None:
+            uploaded = phases[f"{who} create"]
+        else:
+            r.start(h)
+            uploaded = phases[f"{who} create"] + h.wait_for_objects(prefix, count)
+            r.phase(h, "wait for uploads" if who == "ssefs" else f"{who} wait for uploads")
         drop_caches()
         timed(f"{who} stat", stat)
         drop_caches()
         timed(f"{who} read", read)
         timed(f"{who} delete", delete)
         directory.rmdir()
-        return uploaded, sum(1 for key in h.keys(prefix) if not key.endswith("/"))
+        return uploaded, 0 if prefix is None else sum(1 for key in h.keys(prefix) if not key.endswith("/"))
 
     phases: dict[str, float] = {}
     uploaded, left = through_mount(h.mountpoint / "small", "small/", "ssefs", phases)
@@ -778,6 +817,16 @@ def small_files(h: Harness, r: Result) -> None:
         finally:
             peer.unmount()
             h.delete_prefix(f"small-{name}/")
+
+    # The same files through a filesystem that keeps them in a dict (bench/barefs.py): what pyfuse3 and trio
+    # alone cost per operation on this machine, the most any pyfuse3 filesystem could do here.
+    floor_phases: dict[str, float] = {}
+    floor_mountpoint = h.work / "mnt-bare-pyfuse3"
+    floor = mount_bare_pyfuse3(floor_mountpoint)
+    try:
+        through_mount(floor_mountpoint / "small", None, "floor", floor_phases)
+    finally:
+        stop_bare_pyfuse3(floor, floor_mountpoint)
 
     direct: dict[str, float] = {}
 
@@ -806,7 +855,8 @@ def small_files(h: Harness, r: Result) -> None:
     timed_direct("get", get)
     timed_direct("delete", delete_direct)
     r.details.update(files=count, bytes=sum(length for _, length, _ in files), ssefs_seconds=phases,
-                     ssefs_until_uploaded_seconds=uploaded, boto3_seconds=direct, objects_left_after_delete=left)
+                     ssefs_until_uploaded_seconds=uploaded, boto3_seconds=direct, objects_left_after_delete=left,
+                     bare_pyfuse3_seconds=floor_phases)
     if h.peers:
         r.details.update(peer_seconds=peer_seconds, peer_until_uploaded_seconds=peer_uploaded)
 
@@ -832,8 +882,57 @@ def small_files(h: Harness, r: Result) -> None:
           rate(count, direct["get"]), "boto3 get_object", peers=peers("read"))
     r.row(f"{label}: delete", "files/s", rate(count, phases["ssefs delete"]), rate(count, direct["delete"]),
           "boto3 delete_object", peers=peers("delete"))
+    for phase in ("create", "stat", "read", "delete"):
+        r.row(f"{label}: {phase}, against pyfuse3's floor", "files/s", rate(count, phases[f"ssefs {phase}"]),
+              rate(count, floor_phases[f"floor {phase}"]), "bare pyfuse3 (a dict)")
     if left:
         raise AssertionError(f"{left} objects still under small/ after deleting every file")
+
+
+def keyed_heads(h: Harness, keys: list[str]) -> float:
+    """Seconds for the keyed HEADs a cold ``ls -l`` needs, sent the fastest way ssefs knows (its own
+    ``ObjectStore.head_many``: libcurl, 16 in flight) without FUSE: the server's share of a cold listing."""
+    assert h.endpoint is not None
+    settings = S3Settings(endpoint=h.endpoint.endpoint, bucket=BUCKET, region=h.endpoint.region,
+                          ca_bundle=h.endpoint.ca_bundle, access_key_id=h.endpoint.access_key_id,
+                          secret_access_key=h.endpoint.secret_access_key)
+    store = ObjectStore(settings, SseKey(h.key))
+    started = time.monotonic()
+    answers = trio.run(store.head_many, keys)
+    seconds = time.monotonic() - started
+    failed = [key for key, answer in answers.items() if not isinstance(answer, ObjectInfo)]
+    if failed:
+        raise AssertionError(f"{len(failed)} keyed HEADs failed, e.g. {failed[0]}: {answers[failed[0]]}")
+    return seconds
+
+
+def mount_bare_pyfuse3(mountpoint: Path) -> subprocess.Popen[bytes]:
+    """Start bench/barefs.py at ``mountpoint``; returns once it answers."""
+    mountpoint.mkdir(exist_ok=True)
+    log_path = mountpoint.with_name(mountpoint.name + ".log")
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("barefs.py")), str(mountpoint)],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while not is_mounted(mountpoint):
+        if process.poll() is not None:
+            raise RuntimeError(f"bench/barefs.py exited with {process.returncode}: "
+                               f"{log_path.read_text(errors='replace')[-500:]}")
+        if time.monotonic() > deadline:
+            stop_bare_pyfuse3(process, mountpoint)
+            raise RuntimeError(f"bench/barefs.py did not mount within {MOUNT_TIMEOUT:.0f} s")
+        time.sleep(0.05)
+    os.stat(mountpoint)
+    return process
+
+
+def stop_bare_pyfuse3(process: subprocess.Popen[bytes], mountpoint: Path) -> None:
+    unmount(mountpoint)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
 
 
 def ls_long(directory: Path, count: int, who: str, label: str) -> float:
@@ -872,6 +971,7 @@ def listing(h: Harness, r: Result) -> None:
     direct = time.monotonic() - started
     if len(listed) != count:
         raise AssertionError(f"list_objects_v2 found {len(listed)}")
+    heads = keyed_heads(h, listed)
     # The peers list the same objects, each from a fresh mount (rclone: and an empty VFS cache directory).
     peer_timings: dict[str, dict[str, float]] = {}
     peer_mount_seconds: dict[str, float] = {}
@@ -889,7 +989,7 @@ def listing(h: Harness, r: Result) -> None:
             r.peer_failed(peer, exc)
         finally:
             peer.unmount()
-    r.details.update(objects=count, ls_seconds=timings, boto3_seconds=direct)
+    r.details.update(objects=count, ls_seconds=timings, boto3_seconds=direct, keyed_heads_seconds=heads)
     if h.peers:
         r.details.update(peer_ls_seconds=peer_timings, peer_mount_seconds=peer_mount_seconds)
 
@@ -900,6 +1000,8 @@ def listing(h: Harness, r: Result) -> None:
           rate(count, direct), "boto3 list_objects_v2", peers=peers("cold"))
     r.row(f"ls -l of {count} objects, warm (at once again)", "entries/s", rate(count, timings["warm"]),
           rate(count, direct), "boto3 list_objects_v2", peers=peers("warm"))
+    r.row(f"ls -l of {count} objects, cold, against the keyed HEADs alone", "entries/s",
+          rate(count, timings["cold"]), rate(count, heads), "HEADs (ssefs's libcurl path, no FUSE)")
     h.delete_prefix("list/")
 
 
