@@ -53,6 +53,11 @@ log = logging.getLogger(__name__)
 # Directories with at most this many entries (one LIST page) are listed again
 # to answer lookups once their cached listing has expired.
 RELIST_LIMIT = 1000
+# Larger ones are probed name by name (two requests each) until the probes
+# since the last listing outnumber the LIST pages a new listing takes; then
+# it is listed again in the background, so ``rm -r``, ``stat`` of each file or a
+# build that outlasts the TTL costs a few LIST pages per TTL, not two requests per name.
+ENTRIES_PER_LIST_PAGE = 1000
 
 # A bound on the memory spent remembering objects whose attributes cannot be read.
 MAX_UNREADABLE_REMEMBERED = 100_000
@@ -118,6 +123,8 @@ class Filesystem:
         self._attributes_unreadable: dict[str, str] = {}
         # Directory listings being fetched, so that concurrent lookups share one LIST.
         self._listing_fetches: dict[str, trio.Event] = {}
+        # Per directory too large to relist for a lookup: names probed since its last listing.
+        self._probes_since_listing: dict[str, int] = {}
         # Where background work (read-ahead) runs; set by the mount while it serves.
         self.background: trio.Nursery | None = None
 
@@ -273,6 +280,7 @@ class Filesystem:
             node = self.inodes.node_for(path, is_dir=listed.is_dir)
             self._apply(node, listed)
             return node
+        self._note_probe(parent.path)
         try:
             found, is_dir = await self.store.probe(self.object_key(path))
         except ServerUnavailable:
@@ -321,6 +329,7 @@ class Filesystem:
         if listed is not None and listed.attributes is None:
             await self._fill_attributes(self.directory_prefix(node.parent_path), [listed])
         if listed is None:
+            self._note_probe(node.parent_path)
             try:
                 found = await self.store.first_object_with_prefix(self.object_key(node.path))
             except ServerUnavailable:
@@ -377,6 +386,25 @@ class Filesystem:
         last = self.inodes.last_listing(path)
         return last is not None and len(last.entries) <= RELIST_LIMIT
 
+    def _note_probe(self, path: str) -> None:
+        """A name in ``path`` is about to be probed: once the probes since its last listing
+        outnumber the pages of a new one, list it again in the background."""
+        last = self.inodes.last_listing(path)
+        if last is None or self.background is None or path in self._listing_fetches:
+            return  # never listed (its size is unknown), or a listing is on its way
+        probes = self._probes_since_listing.get(path, 0) + 1
+        if probes < -(-len(last.entries) // ENTRIES_PER_LIST_PAGE):
+            self._probes_since_listing[path] = probes
+            return
+        self._probes_since_listing.pop(path, None)
+        self.background.start_soon(self._refresh_listing_quietly, path)
+
+    async def _refresh_listing_quietly(self, path: str) -> None:
+        try:
+            await self._refresh_listing(path)
+        except (SsefsError, OSError) as error:
+            log.debug("listing %r again in the background failed: %s", path, error)
+
     async def _refresh_listing(self, path: str) -> CachedListing:
         """A fresh listing of ``path``; concurrent callers share one fetch."""
         pending = self._listing_fetches.get(path)
@@ -386,6 +414,7 @@ class Filesystem:
             if listing is not None:
                 return listing
         done = self._listing_fetches[path] = trio.Event()
+        self._probes_since_listing.pop(path, None)
         self.inodes.begin_fetch(path)
         try:
             self.inodes.store_listing(path, await self._fetch_listing(path))
