@@ -484,11 +484,15 @@ class BlockCache:
         # A worker thread may be sealing a block into this directory right now;
         # whatever it leaves is removed when it returns (or at the next start).
         # The files go in the background: deleting them is most of an unlink's cost.
-        if self._reaper_running:
-            self._doomed_directories.append(self.blocks_dir / str(entry.id))
+        # Most small files have no directory (their blocks are in the journal): no worker thread for them.
+        directory = self.blocks_dir / str(entry.id)
+        if not directory.exists():
+            pass
+        elif self._reaper_running:
+            self._doomed_directories.append(directory)
             self._reaper_wakeup.set()
         else:
-            shutil.rmtree(self.blocks_dir / str(entry.id), ignore_errors=True)
+            shutil.rmtree(directory, ignore_errors=True)
         self._signal_space()
 
     async def remove_dropped_files(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
