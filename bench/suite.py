@@ -11,6 +11,12 @@ where there is one, against its limit: the same transfer done directly with boto
 Needs root (it writes /proc/sys/vm/drop_caches to start reads cold), fusermount3, and the `bench`
 extra (tqdm, matplotlib). The daemon's RSS is sampled every 100 ms over the whole suite.
 
+Three rows are floors rather than limits, measured in the same run to show what bounds a workload on
+this machine: the small files through bench/barefs.py (a pyfuse3 filesystem keeping everything in a
+dict: what pyfuse3 and trio alone cost), the cold ``ls -l`` against the keyed HEADs it needs sent
+without FUSE (ssefs's libcurl path: the server's share), and the 1 GiB write with boto3's upload
+running beside it (the most that uploading while writing could reach).
+
 With --peers, the small_files, listing and seq_read (cold read only) workloads also run the same operations
 through two other FUSE filesystems for S3 with SSE-C, mounted side by side on the same server, bucket and
 key (bench/peers.py), and the table gets a rate and an ssefs/peer ratio for each:
