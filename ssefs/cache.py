@@ -486,13 +486,12 @@ class BlockCache:
         # The files go in the background: deleting them is most of an unlink's cost.
         # Most small files have no directory (their blocks are in the journal): no worker thread for them.
         directory = self.blocks_dir / str(entry.id)
-        if not directory.exists():
-            pass
-        elif self._reaper_running:
-            self._doomed_directories.append(directory)
-            self._reaper_wakeup.set()
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
+        if directory.exists():
+            if self._reaper_running:
+                self._doomed_directories.append(directory)
+                self._reaper_wakeup.set()
+            else:
+                shutil.rmtree(directory, ignore_errors=True)
         self._signal_space()
 
     async def remove_dropped_files(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
