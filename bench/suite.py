@@ -185,6 +185,17 @@ def expected_bytes(block: bytes, offset: int, length: int) -> bytes:
     return bytes(out)
 
 
+def write_repeated(path: Path, size: int, block: bytes, progress: tqdm | None = None) -> None:
+    """Write ``size`` bytes of the repeated block to ``path`` in CHUNK writes, unbuffered."""
+    with open(path, "wb", buffering=0) as out:
+        written = 0
+        while written < size:
+            count = out.write(block[: min(CHUNK, size - written)])
+            written += count
+            if progress is not None:
+                progress.update(count)
+
+
 def read_file_checked(path: Path, size: int, block: bytes, progress: tqdm | None = None) -> None:
     """Read ``path`` sequentially in CHUNK reads and check every byte against the repeated block."""
     buffer = bytearray(CHUNK)
@@ -572,12 +583,7 @@ def seq_write(h: Harness, r: Result) -> None:
     with bar(size, "ssefs write", "B", scale=True) as progress:
         r.start(h)
         started = time.monotonic()
-        with open(path, "wb", buffering=0) as out:
-            written = 0
-            while written < size:
-                count = out.write(h.block[: min(CHUNK, size - written)])
-                written += count
-                progress.update(count)
+        write_repeated(path, size, h.block, progress)
         closed = time.monotonic() - started
     r.phase(h, "write until close")
     # close() has returned; fsync() on a fresh descriptor returns once the data is in S3.
@@ -605,10 +611,7 @@ def seq_write(h: Harness, r: Result) -> None:
 
     def write_beside() -> None:
         written_started = time.monotonic()
-        with open(overlap_path, "wb", buffering=0) as out:
-            written = 0
-            while written < size:
-                written += out.write(h.block[: min(CHUNK, size - written)])
+        write_repeated(overlap_path, size, h.block)
         writer_seconds.append(time.monotonic() - written_started)
 
     with bar(size, "write beside boto3 multipart", "B", scale=True) as progress:

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 # Directories with at most this many entries (one LIST page) are listed again
 # to answer lookups once their cached listing has expired.
 RELIST_LIMIT = 1000
-# Larger ones are probed name by name (two requests each) until the probes
+# Larger ones are probed name by name (one or two requests each) until the probes
 # since the last listing outnumber the LIST pages a new listing takes; then
 # it is listed again in the background, so ``rm -r``, ``stat`` of each file or a
 # build that outlasts the TTL costs a few LIST pages per TTL, not two requests per name.
