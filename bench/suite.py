@@ -11,11 +11,13 @@ where there is one, against its limit: the same transfer done directly with boto
 Needs root (it writes /proc/sys/vm/drop_caches to start reads cold), fusermount3, and the `bench`
 extra (tqdm, matplotlib). The daemon's RSS is sampled every 100 ms over the whole suite.
 
-Three rows are floors rather than limits, measured in the same run to show what bounds a workload on
-this machine: the small files through bench/barefs.py (a pyfuse3 filesystem keeping everything in a
-dict: what pyfuse3 and trio alone cost), the cold ``ls -l`` against the keyed HEADs it needs sent
-without FUSE (ssefs's libcurl path: the server's share), and the 1 GiB write with boto3's upload
-running beside it (the most that uploading while writing could reach).
+Some rows are floors rather than limits, measured in the same run to show what bounds a workload on
+this machine: the small files and the 1 GiB write through bench/barefs.py (a pyfuse3 filesystem keeping
+everything in a dict: what FUSE, pyfuse3 and trio alone cost), the cold ``ls -l`` against the keyed
+HEADs it needs sent without FUSE (ssefs's libcurl path: the server's share), the 1 GiB write with
+boto3's upload running beside it (the most that uploading while writing could reach), and the cold
+read against bench/barefs.py serving the file while boto3's ranged GETs fetch it beside it (the most
+a FUSE filesystem that fetches what it serves could reach on these two cores).
 
 With --peers, the small_files, listing and seq_read (cold read only) workloads also run the same operations
 through two other FUSE filesystems for S3 with SSE-C, mounted side by side on the same server, bucket and
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
@@ -54,7 +57,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -625,14 +628,25 @@ def seq_write(h: Harness, r: Result) -> None:
     h.client.delete_object(Bucket=BUCKET, Key="direct/seq_write_overlap.bin")
     if not writer_seconds:
         raise AssertionError("the write beside the upload failed")
+    # The same write through a filesystem that only keeps the bytes (bench/barefs.py): what FUSE,
+    # pyfuse3 and trio alone cost, the most any pyfuse3 filesystem could reach until close().
+    with bare_pyfuse3(h) as floor_mountpoint:
+        os.sync()
+        with bar(size, "bare pyfuse3 write", "B", scale=True) as progress:
+            started = time.monotonic()
+            write_repeated(floor_mountpoint / "seq_write.bin", size, h.block, progress)
+            floor_seconds = time.monotonic() - started
     r.details.update(bytes=size, close_seconds=closed, durable_seconds=durable, boto3_seconds=direct,
                      beside_each_other_seconds={"write": writer_seconds[0], "boto3 multipart": upload_beside,
-                                                "both": both})
+                                                "both": both},
+                     bare_pyfuse3_seconds=floor_seconds)
     r.row(f"{mib:.0f} MiB write, until close()", "MiB/s", rate(mib, closed), rate(mib, direct), "boto3 multipart")
     r.row(f"{mib:.0f} MiB write, until durable (fsync)", "MiB/s", rate(mib, durable), rate(mib, direct),
           "boto3 multipart")
     r.row(f"{mib:.0f} MiB write and boto3 upload at once (bound for uploading while writing)", "MiB/s",
           rate(mib, both), rate(mib, direct), "boto3 multipart")
+    r.row(f"{mib:.0f} MiB write, until close(), against pyfuse3's floor", "MiB/s", rate(mib, closed),
+          rate(mib, floor_seconds), "bare pyfuse3 (a dict)")
 
 
 def seq_read(h: Harness, r: Result) -> None:
@@ -646,9 +660,17 @@ def seq_read(h: Harness, r: Result) -> None:
     # files too, so both read the same way), COLD_ROUNDS times: this VM's speed drifts by up to 1.7x
     # within an hour, and pairs taken seconds apart, compared by their medians, keep that drift out of
     # the ratio. After the first cold read the same file is read again at once (warm).
+    # The warm read's limit, a local file read from disk, is read right after it, so whatever else the
+    # machine is busy with then slows both alike (warm reads ranged 990-5,750 MiB/s between runs).
+    local = h.work / "local.bin"
+    with open(local, "wb") as out:
+        for offset in range(0, size, CHUNK):
+            out.write(h.block[: min(CHUNK, size - offset)])
+        out.flush()
+        os.fsync(out.fileno())
     cold: list[float] = []
     boto3_cold: list[float] = []
-    warm = 0.0
+    warm = local_seconds = 0.0
     for round_number in range(COLD_ROUNDS):
         drop_caches()
         r.start(h)
@@ -664,6 +686,12 @@ def seq_read(h: Harness, r: Result) -> None:
                 read_file_checked(path, size, h.block, progress)
                 warm = time.monotonic() - started
             r.phase(h, "read warm")
+            drop_caches()
+            with bar(size, "local disk read", "B", scale=True) as progress:
+                started = time.monotonic()
+                read_file_checked(local, size, h.block, progress)
+                local_seconds = time.monotonic() - started
+            local.unlink()
         drop_caches()
         with bar(size, f"boto3 ranged GETs ({round_number + 1}/{COLD_ROUNDS})", "B", scale=True) as progress:
             boto3_cold.append(h.get_ranges("seq_read.bin", size, progress))
@@ -681,25 +709,40 @@ def seq_read(h: Harness, r: Result) -> None:
             r.peer_failed(peer, exc)
         finally:
             peer.unmount()
-    local = h.work / "local.bin"
-    with open(local, "wb") as out:
-        for offset in range(0, size, CHUNK):
-            out.write(h.block[: min(CHUNK, size - offset)])
-        out.flush()
-        os.fsync(out.fileno())
-    drop_caches()
-    with bar(size, "local disk read", "B", scale=True) as progress:
-        started = time.monotonic()
-        read_file_checked(local, size, h.block, progress)
-        local_seconds = time.monotonic() - started
-    local.unlink()
+    # The most a FUSE filesystem that GETs what it serves could read here: the same file read through a
+    # filesystem holding it in memory (bench/barefs.py) while boto3's ranged GETs fetch it beside it, both
+    # done. They share the two cores with the server, as ssefs's reads and its GETs do.
+    with bare_pyfuse3(h) as floor_mountpoint:
+        floor_path = floor_mountpoint / "seq_read.bin"
+        write_repeated(floor_path, size, h.block)
+        drop_caches()
+        reader_seconds: list[float] = []
+
+        def read_beside() -> None:
+            read_started = time.monotonic()
+            read_file_checked(floor_path, size, h.block)
+            reader_seconds.append(time.monotonic() - read_started)
+
+        with bar(size, "bare pyfuse3 read beside boto3 ranged GETs", "B", scale=True) as progress:
+            both_started = time.monotonic()
+            reader = threading.Thread(target=read_beside)
+            reader.start()
+            gets_beside = h.get_ranges("seq_read.bin", size, progress)
+            reader.join()
+            both = time.monotonic() - both_started
+    if not reader_seconds:
+        raise AssertionError("the read through bare pyfuse3 beside the GETs failed")
     r.details.update(bytes=size, cold_seconds=cold, warm_seconds=warm, boto3_seconds=boto3_cold,
-                     local_disk_seconds=local_seconds)
+                     local_disk_seconds=local_seconds,
+                     bare_pyfuse3_beside_gets_seconds={"read": reader_seconds[0], "boto3 ranged GETs": gets_beside,
+                                                       "both": both})
     if h.peers:
         r.details["peer_cold_seconds"] = peer_cold
     r.row(f"{mib:.0f} MiB read, cold (from S3; median of {COLD_ROUNDS} paired runs)", "MiB/s",
           rate(mib, statistics.median(cold)), rate(mib, statistics.median(boto3_cold)), "boto3 ranged GETs",
           peers={name: rate(mib, peer_cold[name]) if name in peer_cold else None for name in h.peers})
+    r.row(f"{mib:.0f} MiB read, cold, against bare pyfuse3 reading beside boto3 GETs (bound)", "MiB/s",
+          rate(mib, statistics.median(cold)), rate(mib, both), "bare pyfuse3 + boto3 GETs at once")
     r.row(f"{mib:.0f} MiB read, warm (again at once)", "MiB/s", rate(mib, warm),
           rate(mib, local_seconds), "local file, cold page cache")
     os.unlink(path)
@@ -830,12 +873,8 @@ def small_files(h: Harness, r: Result) -> None:
     # The same files through a filesystem that keeps them in a dict (bench/barefs.py): what pyfuse3 and trio
     # alone cost per operation on this machine, the most any pyfuse3 filesystem could do here.
     floor_phases: dict[str, float] = {}
-    floor_mountpoint = h.work / "mnt-bare-pyfuse3"
-    floor = mount_bare_pyfuse3(floor_mountpoint)
-    try:
+    with bare_pyfuse3(h) as floor_mountpoint:
         through_mount(floor_mountpoint / "small", None, "floor", floor_phases)
-    finally:
-        stop_bare_pyfuse3(floor, floor_mountpoint)
 
     direct: dict[str, float] = {}
 
@@ -913,6 +952,17 @@ def keyed_heads(h: Harness, keys: list[str]) -> float:
     if failed:
         raise AssertionError(f"{len(failed)} keyed HEADs failed, e.g. {failed[0]}: {answers[failed[0]]}")
     return seconds
+
+
+@contextlib.contextmanager
+def bare_pyfuse3(h: Harness) -> Iterator[Path]:
+    """bench/barefs.py mounted for the duration: yields its mountpoint."""
+    mountpoint = h.work / "mnt-bare-pyfuse3"
+    process = mount_bare_pyfuse3(mountpoint)
+    try:
+        yield mountpoint
+    finally:
+        stop_bare_pyfuse3(process, mountpoint)
 
 
 def mount_bare_pyfuse3(mountpoint: Path) -> subprocess.Popen[bytes]:
