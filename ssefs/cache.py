@@ -651,11 +651,17 @@ class BlockCache:
                 entry.generation, entry.uploaded_generation, entry.owner_mode, entry.owner_uid, entry.owner_gid,
                 entry.sealed_xattrs, entry.id)
 
-    def _save_entry(self, entry: Entry) -> None:
-        """Commit the entry's row (no fsync: ``sync`` and ``sync_journal`` make commits durable)."""
+    def _save_entry(self, entry: Entry, *, size_on_disk: int | None = None) -> None:
+        """Commit the entry's row (no fsync: ``sync`` and ``sync_journal`` make commits durable).
+
+        ``size_on_disk``: the most the stored blocks cover when the writer's size already counts a
+        block not stored yet (a crash then leaves the file as far as its blocks reached, not padded).
+        """
         if entry.id not in self._entries:
             return
         row = self._entry_row(entry)
+        if size_on_disk is not None and size_on_disk < entry.size:
+            row = (*row[:3], size_on_disk, *row[4:])
         if row == entry.saved_row:
             return
         self._db.execute(
@@ -771,7 +777,7 @@ class BlockCache:
 
     async def write_block(
         self, entry: Entry, index: int, plaintext: bytes | bytearray, *, dirty: bool,
-        still_wanted: Callable[[], bool] = lambda: True,
+        still_wanted: Callable[[], bool] = lambda: True, size_on_disk: int | None = None,
     ) -> bool:
         """Seal and store one block; call ``evict_clean``/``ensure_space`` first.
 
@@ -781,6 +787,7 @@ class BlockCache:
         its place (rename and journal row) back on the trio thread, and only
         if the entry is still live and ``still_wanted()`` says so then (a
         fetched block must not overwrite a write that landed meanwhile).
+        ``size_on_disk`` caps the size saved with a dirty block (see ``_save_entry``).
         Returns whether the block was stored.
         """
         write_generation = entry.generation if dirty else 0
@@ -796,7 +803,7 @@ class BlockCache:
             # Sealing a few KiB costs microseconds: no worker thread, no file, no fsync of its own.
             if not self.is_live(entry) or not still_wanted():
                 return False
-            self._place_block(entry, index, b"".join(seal()), write_generation, dirty)
+            self._place_block(entry, index, b"".join(seal()), write_generation, dirty, size_on_disk)
             return True
 
         def seal_to_file() -> tuple[Path, int]:
@@ -825,11 +832,11 @@ class BlockCache:
                     path.parent.rmdir()  # recreated by the thread after the entry was dropped
             return False
         os.replace(temporary, path)
-        self._place_block(entry, index, stored_bytes, write_generation, dirty)
+        self._place_block(entry, index, stored_bytes, write_generation, dirty, size_on_disk)
         return True
 
     def _place_block(self, entry: Entry, index: int, stored: int | bytes, write_generation: int,
-                     dirty: bool) -> None:
+                     dirty: bool, size_on_disk: int | None = None) -> None:
         """Record a stored block: ``stored`` is the size of its file, or the sealed block itself (inline)."""
         inline = isinstance(stored, bytes)
         stored_bytes = len(stored) if isinstance(stored, bytes) else stored
@@ -857,7 +864,7 @@ class BlockCache:
                 if dirty:
                     # Cheap (no fsync): after a crash before close, the entry's size and
                     # generation then cover every block that reached the disk.
-                    self._save_entry(entry)
+                    self._save_entry(entry, size_on_disk=size_on_disk)
         except BaseException:
             entry.saved_row = None  # rolled back: the row on disk is unknown
             raise

@@ -20,6 +20,14 @@ cache what other files put there.
 Callers hold ``entry.lock`` around writes, truncates and uploads; reads may
 run beside them, which is why a fetched block is kept (on disk or in memory)
 only if nothing wrote that block while the GET was in flight.
+
+A writer moving on to the next block does not wait for the previous one to be
+sealed and written to disk: given a nursery, that block is sealed in the
+background (one at a time) while the next write is already being answered, so
+FUSE's work and the disk's overlap on two cores. Everything else that needs the
+blocks on disk (``seal_hot``: close, fsync, upload, truncate) first waits for it,
+and a background seal that failed is tried once more there, its error reported
+to that caller, as a local filesystem reports write-back errors at close.
 """
 
 from __future__ import annotations
@@ -134,11 +142,17 @@ class CachedFile:
 
     def __init__(
         self, cache: BlockCache, entry: Entry, fetch_blocks: FetchBlocks,
-        plaintext_blocks: PlaintextBlocks | None = None,
+        plaintext_blocks: PlaintextBlocks | None = None, background: trio.Nursery | None = None,
     ) -> None:
         self.cache = cache
         self.entry = entry
         self._fetch_from_object = fetch_blocks
+        # Where blocks a writer left behind are sealed; without one (tests), the writer seals them itself.
+        self._background = background
+        # The block being sealed in the background, set when that is over (however it ended), and the
+        # block it failed to store (still in ``_sealing``) with its error.
+        self._sealed_behind: trio.Event | None = None
+        self._failed_behind: tuple[int, BaseException] | None = None
         self._hot_index: int | None = None
         # Like every block in memory, the hot block may stop short: the rest reads as zeros.
         # A whole block written at once is held as the write's own bytes (no copy) until changed in part.
@@ -155,11 +169,12 @@ class CachedFile:
     # ------------------------------------------------------------------ blocks
 
     async def _store(self, index: int, plaintext: bytes | bytearray, *, dirty: bool,
-                     still_wanted: Callable[[], bool] = lambda: True) -> bool:
+                     still_wanted: Callable[[], bool] = lambda: True, size_on_disk: int | None = None) -> bool:
         # Never waits for space: callers hold the entry lock, which an upload
         # that would free space needs. Writers wait for space before taking the lock.
         self.cache.evict_clean(BLOCK_SIZE, storing_for=self.entry)
-        stored = await self.cache.write_block(self.entry, index, plaintext, dirty=dirty, still_wanted=still_wanted)
+        stored = await self.cache.write_block(self.entry, index, plaintext, dirty=dirty, still_wanted=still_wanted,
+                                              size_on_disk=size_on_disk)
         if stored and not dirty:
             # A fetched block stored only if untouched is the block's current
             # content: keep it in memory for the reader that asked for it (this
@@ -244,7 +259,7 @@ class CachedFile:
 
     async def _make_hot(self, index: int, *, overwrite_whole: bool) -> bytearray:
         if self._hot_index != index:
-            await self.seal_hot()
+            await self._seal_behind()
             if overwrite_whole or index * BLOCK_SIZE >= self.entry.size:
                 self._hot = bytearray()  # past the end of the file a block holds only zeros
             else:
@@ -259,7 +274,7 @@ class CachedFile:
     async def _hold_whole_block(self, index: int, content: bytes) -> None:
         """A write of exactly one whole block: its bytes become the hot block as they are."""
         if self._hot_index != index:
-            await self.seal_hot()
+            await self._seal_behind()
             self._hot_index = index
             self._forget_plaintext(index)
         self._hot = content
@@ -269,7 +284,9 @@ class CachedFile:
         self._plaintext.forget(self.entry.uid, index)
 
     async def seal_hot(self) -> None:
-        """Write the hot block to the cache (dirty); before sync, upload or switching blocks."""
+        """Write the hot block, and any block still being sealed behind, to the cache (dirty): before
+        sync, upload or truncate."""
+        await self._settle()
         if self._hot_index is None:
             return
         index, content = self._hot_index, self._hot
@@ -278,6 +295,51 @@ class CachedFile:
         self._sealing[index] = content
         try:
             await self._store(index, content, dirty=True)
+        finally:
+            del self._sealing[index]
+
+    async def _seal_behind(self) -> None:
+        """The writer moves to another block: seal the hot one in the background, once the one
+        before it is sealed (so at most one block is on its way besides the hot one)."""
+        if self._background is None:
+            await self.seal_hot()
+            return
+        await self._settle()
+        if self._hot_index is None:
+            return
+        index, content = self._hot_index, self._hot
+        self._hot_index, self._hot = None, bytearray()
+        self._sealing[index] = content
+        done = self._sealed_behind = trio.Event()
+        # The size now covers this block but not the next one, which the writer is about to count.
+        self._background.start_soon(self._seal_in_background, index, content, self.entry.size, done)
+
+    async def _seal_in_background(self, index: int, content: bytes | bytearray, size_on_disk: int,
+                                  done: trio.Event) -> None:
+        # Shielded: a mount shutting down lets the block reach the disk rather than drop it.
+        with trio.CancelScope(shield=True):
+            try:
+                await self._store(index, content, dirty=True, size_on_disk=size_on_disk)
+            except Exception as error:  # noqa: BLE001 - kept for _settle, which tries again and reports it
+                self._failed_behind = (index, error)
+            else:
+                del self._sealing[index]
+            finally:
+                done.set()
+
+    async def _settle(self) -> None:
+        """Wait for the block being sealed in the background; store it here if that failed."""
+        if self._sealed_behind is not None:
+            await self._sealed_behind.wait()
+            self._sealed_behind = None
+        if self._failed_behind is None:
+            return
+        index, error = self._failed_behind
+        self._failed_behind = None
+        log.debug("sealing block %d of %r in the background failed (%s); trying again", index,
+                  self.entry.object_key, error)
+        try:
+            await self._store(index, self._sealing[index], dirty=True)
         finally:
             del self._sealing[index]
 
@@ -385,6 +447,7 @@ class CachedFile:
             await self._store(index, await self._block(index, keep=False), dirty=True)
 
     async def truncate(self, size: int) -> None:
+        await self._settle()  # a block landing after the cut could bring back bytes past it
         self.cache.record_change(self.entry)
         if self._hot_index is not None and self._hot_index * BLOCK_SIZE >= size:
             self._hot_index, self._hot = None, bytearray()

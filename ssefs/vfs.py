@@ -149,7 +149,7 @@ class Filesystem:
     def cached_file(self, entry: Entry) -> CachedFile:
         cached = self._cached_files.get(entry.id)
         if cached is None or cached.entry is not entry:
-            cached = CachedFile(self.cache, entry, self._fetch_blocks, self.plaintext_blocks)
+            cached = CachedFile(self.cache, entry, self._fetch_blocks, self.plaintext_blocks, self.background)
             if entry.open_writers or self._is_open(entry):
                 # Kept while open: it holds the hot block and the read-ahead state.
                 self._cached_files[entry.id] = cached

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from ssefs.cache import (
     BLOCK_MAGIC,
@@ -150,12 +151,18 @@ def all_files(directory: Path) -> list[Path]:
 # ------------------------------------------------------------------ byte-level behaviour against a model
 
 
-async def test_random_operations_match_model(cache: BlockCache) -> None:
+@pytest.mark.parametrize("sealing", ["by the writer", "behind the writer"])
+async def test_random_operations_match_model(cache: BlockCache, sealing: str) -> None:
+    async with trio.open_nursery() as background:
+        await _random_operations_match_model(cache, background if sealing == "behind the writer" else None)
+
+
+async def _random_operations_match_model(cache: BlockCache, background: trio.Nursery | None) -> None:
     rng = random.Random(20240601)
     base = rng.randbytes(5 * MiB + 12345)
     fake = FakeS3({OBJECT: base})
     entry = based_entry(cache, OBJECT, base)
-    cached = CachedFile(cache, entry, fake.fetch_range)
+    cached = CachedFile(cache, entry, fake.fetch_range, background=background)
     model = bytearray(base)
 
     for _step in range(200):
@@ -208,6 +215,78 @@ async def test_random_operations_match_model(cache: BlockCache) -> None:
     await cached.seal_hot()
     assert await CachedFile(cache, entry, fake.fetch_range).read(0, len(model)) == bytes(model)
     assert entry.dirty
+
+
+async def test_blocks_left_behind_are_sealed_in_the_background(cache: BlockCache) -> None:
+    """A writer moving on does not wait for the block it left; the block reads back meanwhile, and
+    seal_hot (close, upload) waits for it."""
+    entry = new_entry(cache, OBJECT)
+    first, second = os.urandom(BLOCK_SIZE), os.urandom(BLOCK_SIZE)
+    async with trio.open_nursery() as background:
+        cached = CachedFile(cache, entry, FakeS3().fetch_range, background=background)
+        await cached.write(0, first)
+        await cached.write(BLOCK_SIZE, second)  # hands block 0 to the background, returns at once
+        assert not cache.has_block(entry, 0)
+        assert await cached.read(0, 2 * BLOCK_SIZE) == first + second
+        await cached.seal_hot()
+        assert cache.has_block(entry, 0) and cache.has_block(entry, 1)
+    await cache.sync(entry)
+    assert await CachedFile(cache, entry, FakeS3().fetch_range).read(0, 2 * BLOCK_SIZE) == first + second
+
+
+async def test_the_size_saved_with_a_block_sealed_behind_stops_at_that_block(cache_dir: Path) -> None:
+    """Killed while the writer is in the next block: the journal's size must not count the lost hot
+    block, or the recovered file would end in zeros the writer never wrote."""
+    cache = make_cache(cache_dir)
+    entry = new_entry(cache, OBJECT)
+    data = os.urandom(2 * BLOCK_SIZE + 5000)
+    async with trio.open_nursery() as background:
+        cached = CachedFile(cache, entry, FakeS3().fetch_range, background=background)
+        await cached.write(0, data[:BLOCK_SIZE])
+        # Blocks 0 and 1 are sealed behind as this write moves on; block 2 stays hot.
+        await cached.write(BLOCK_SIZE, data[BLOCK_SIZE:])
+        await cached._settle()  # noqa: SLF001 - the background seals are over; the process "dies" here
+        assert entry.size == len(data)
+    await cache.sync_journal()
+    cache.close()
+    reopened = make_cache(cache_dir)
+    again = reopened.entry(OBJECT)
+    assert again is not None and again.dirty
+    assert again.size == 2 * BLOCK_SIZE
+    assert await CachedFile(reopened, again, FakeS3().fetch_range).read(0, len(data)) == data[:2 * BLOCK_SIZE]
+    reopened.close()
+
+
+async def test_a_failed_background_seal_is_tried_again_and_its_error_returned(
+    cache: BlockCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = new_entry(cache, OBJECT)
+    data = os.urandom(2 * BLOCK_SIZE)
+    real_write_block = cache.write_block
+    failures = {"left": 1}
+
+    async def failing_write_block(*args: object, **kwargs: object) -> bool:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError(28, "No space left on device")
+        return await real_write_block(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache, "write_block", failing_write_block)
+    async with trio.open_nursery() as background:
+        cached = CachedFile(cache, entry, FakeS3().fetch_range, background=background)
+        await cached.write(0, data[:BLOCK_SIZE])
+        await cached.write(BLOCK_SIZE, data[BLOCK_SIZE:])  # block 0's seal fails in the background
+        await trio.testing.wait_all_tasks_blocked()
+        assert not cache.has_block(entry, 0)
+        assert await cached.read(0, BLOCK_SIZE) == data[:BLOCK_SIZE]  # still there for readers
+        await cached.seal_hot()  # tries block 0 again: it succeeds now
+        assert await CachedFile(cache, entry, FakeS3().fetch_range).read(0, len(data)) == data
+
+        failures["left"] = 2  # the background seal and its second try both fail
+        await cached.write(2 * BLOCK_SIZE, data[:BLOCK_SIZE])
+        await cached.write(3 * BLOCK_SIZE, data[:BLOCK_SIZE])
+        with pytest.raises(OSError, match="No space"):
+            await cached.seal_hot()
 
 
 async def test_whole_block_writes_then_partial_changes_in_the_same_block(cache: BlockCache) -> None:
