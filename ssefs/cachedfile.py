@@ -250,7 +250,8 @@ class CachedFile:
             return remembered
         stored = await self.cache.read_block(self.entry, index)
         if stored is not None:
-            self._plaintext.put(self.entry.uid, index, generation, stored)
+            if keep:
+                self._plaintext.put(self.entry.uid, index, generation, stored)
             return stored
         if index * BLOCK_SIZE >= self.entry.base_valid:
             return b""
@@ -399,6 +400,9 @@ class CachedFile:
     # ------------------------------------------------------------------ bytes
 
     async def read(self, offset: int, size: int, *, keep: bool = True) -> bytes:
+        """``size`` bytes at ``offset`` (fewer at the end). Without ``keep`` (an upload reading its
+        parts) the blocks read are not remembered in memory: an upload reads each once, and its
+        blocks would push the ones readers use out of the shared store (and hold 40 MiB)."""
         end = min(offset + size, self.entry.size)
         pieces: list[bytes] = []
         position = offset

@@ -24,7 +24,7 @@ from ssefs.cache import (
     CorruptBlock,
     Entry,
 )
-from ssefs.cachedfile import CachedFile
+from ssefs.cachedfile import CachedFile, PlaintextBlocks
 from ssefs.errors import SsefsError
 from ssefs.keys import SseKey
 
@@ -287,6 +287,21 @@ async def test_a_failed_background_seal_is_tried_again_and_its_error_returned(
         await cached.write(3 * BLOCK_SIZE, data[:BLOCK_SIZE])
         with pytest.raises(OSError, match="No space"):
             await cached.seal_hot()
+
+
+async def test_an_uploads_reads_are_not_remembered_in_memory(cache: BlockCache) -> None:
+    """Reading parts for an upload (keep=False) leaves the shared in-memory blocks to readers."""
+    entry = new_entry(cache, OBJECT)
+    data = os.urandom(3 * BLOCK_SIZE)
+    writer = CachedFile(cache, entry, FakeS3().fetch_range)
+    await writer.write(0, data)
+    await writer.seal_hot()
+    shared = PlaintextBlocks(max_blocks=40)
+    cached = CachedFile(cache, entry, FakeS3().fetch_range, shared)
+    assert await cached.read(0, len(data), keep=False) == data
+    assert not any(shared.holds(entry.uid, index, entry.generation) for index in range(3))
+    assert await cached.read(0, len(data)) == data
+    assert all(shared.holds(entry.uid, index, entry.generation) for index in range(3))
 
 
 async def test_whole_block_writes_then_partial_changes_in_the_same_block(cache: BlockCache) -> None:
