@@ -152,7 +152,7 @@ class CachedFile:
         # The block being sealed in the background, set when that is over (however it ended), and the
         # block it failed to store (still in ``_sealing``) with its error.
         self._sealed_behind: trio.Event | None = None
-        self._failed_behind: tuple[int, BaseException] | None = None
+        self._failed_behind: tuple[int, int, BaseException] | None = None
         self._hot_index: int | None = None
         # Like every block in memory, the hot block may stop short: the rest reads as zeros.
         # A whole block written at once is held as the write's own bytes (no copy) until changed in part.
@@ -322,7 +322,7 @@ class CachedFile:
             try:
                 await self._store(index, content, dirty=True, size_on_disk=size_on_disk)
             except Exception as error:  # noqa: BLE001 - kept for _settle, which tries again and reports it
-                self._failed_behind = (index, error)
+                self._failed_behind = (index, size_on_disk, error)
             else:
                 del self._sealing[index]
             finally:
@@ -335,12 +335,12 @@ class CachedFile:
             self._sealed_behind = None
         if self._failed_behind is None:
             return
-        index, error = self._failed_behind
+        index, size_on_disk, error = self._failed_behind
         self._failed_behind = None
         log.debug("sealing block %d of %r in the background failed (%s); trying again", index,
                   self.entry.object_key, error)
         try:
-            await self._store(index, self._sealing[index], dirty=True)
+            await self._store(index, self._sealing[index], dirty=True, size_on_disk=size_on_disk)
         finally:
             del self._sealing[index]
 
