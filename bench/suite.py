@@ -188,6 +188,31 @@ def expected_bytes(block: bytes, offset: int, length: int) -> bytes:
     return bytes(out)
 
 
+def beside(through_mount: Callable[[], None], direct: Callable[[], float]) -> tuple[float, float, float]:
+    """Run ``through_mount`` in a thread while ``direct`` (a boto3 transfer returning its seconds) runs
+    here; returns the seconds of each and of both together (until the later one ended)."""
+    seconds: list[float] = []
+    failed: list[BaseException] = []
+
+    def run_timed() -> None:
+        started = time.monotonic()
+        try:
+            through_mount()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the calling thread
+            failed.append(exc)
+        seconds.append(time.monotonic() - started)
+
+    both_started = time.monotonic()
+    thread = threading.Thread(target=run_timed)
+    thread.start()
+    direct_seconds = direct()
+    thread.join()
+    both = time.monotonic() - both_started
+    if failed:
+        raise failed[0]
+    return seconds[0], direct_seconds, both
+
+
 def write_repeated(path: Path, size: int, block: bytes, progress: tqdm | None = None) -> None:
     """Write ``size`` bytes of the repeated block to ``path`` in CHUNK writes, unbuffered."""
     with open(path, "wb", buffering=0) as out:
@@ -610,24 +635,12 @@ def seq_write(h: Harness, r: Result) -> None:
     # down: they share the CPU with the server.
     overlap_path = h.mountpoint / "seq_write_overlap.bin"
     os.sync()
-    writer_seconds: list[float] = []
-
-    def write_beside() -> None:
-        written_started = time.monotonic()
-        write_repeated(overlap_path, size, h.block)
-        writer_seconds.append(time.monotonic() - written_started)
-
     with bar(size, "write beside boto3 multipart", "B", scale=True) as progress:
-        both_started = time.monotonic()
-        writer = threading.Thread(target=write_beside)
-        writer.start()
-        upload_beside = h.put_repeated("direct/seq_write_overlap.bin", size, progress)
-        writer.join()
-        both = time.monotonic() - both_started
+        writer_seconds, upload_beside, both = beside(
+            lambda: write_repeated(overlap_path, size, h.block),
+            lambda: h.put_repeated("direct/seq_write_overlap.bin", size, progress))
     os.unlink(overlap_path)
     h.client.delete_object(Bucket=BUCKET, Key="direct/seq_write_overlap.bin")
-    if not writer_seconds:
-        raise AssertionError("the write beside the upload failed")
     # The same write through a filesystem that only keeps the bytes (bench/barefs.py): what FUSE,
     # pyfuse3 and trio alone cost, the most any pyfuse3 filesystem could reach until close().
     with bare_pyfuse3(h) as floor_mountpoint:
@@ -637,7 +650,7 @@ def seq_write(h: Harness, r: Result) -> None:
             write_repeated(floor_mountpoint / "seq_write.bin", size, h.block, progress)
             floor_seconds = time.monotonic() - started
     r.details.update(bytes=size, close_seconds=closed, durable_seconds=durable, boto3_seconds=direct,
-                     beside_each_other_seconds={"write": writer_seconds[0], "boto3 multipart": upload_beside,
+                     beside_each_other_seconds={"write": writer_seconds, "boto3 multipart": upload_beside,
                                                 "both": both},
                      bare_pyfuse3_seconds=floor_seconds)
     r.row(f"{mib:.0f} MiB write, until close()", "MiB/s", rate(mib, closed), rate(mib, direct), "boto3 multipart")
@@ -716,25 +729,13 @@ def seq_read(h: Harness, r: Result) -> None:
         floor_path = floor_mountpoint / "seq_read.bin"
         write_repeated(floor_path, size, h.block)
         drop_caches()
-        reader_seconds: list[float] = []
-
-        def read_beside() -> None:
-            read_started = time.monotonic()
-            read_file_checked(floor_path, size, h.block)
-            reader_seconds.append(time.monotonic() - read_started)
-
         with bar(size, "bare pyfuse3 read beside boto3 ranged GETs", "B", scale=True) as progress:
-            both_started = time.monotonic()
-            reader = threading.Thread(target=read_beside)
-            reader.start()
-            gets_beside = h.get_ranges("seq_read.bin", size, progress)
-            reader.join()
-            both = time.monotonic() - both_started
-    if not reader_seconds:
-        raise AssertionError("the read through bare pyfuse3 beside the GETs failed")
+            reader_seconds, gets_beside, both = beside(
+                lambda: read_file_checked(floor_path, size, h.block),
+                lambda: h.get_ranges("seq_read.bin", size, progress))
     r.details.update(bytes=size, cold_seconds=cold, warm_seconds=warm, boto3_seconds=boto3_cold,
                      local_disk_seconds=local_seconds,
-                     bare_pyfuse3_beside_gets_seconds={"read": reader_seconds[0], "boto3 ranged GETs": gets_beside,
+                     bare_pyfuse3_beside_gets_seconds={"read": reader_seconds, "boto3 ranged GETs": gets_beside,
                                                        "both": both})
     if h.peers:
         r.details["peer_cold_seconds"] = peer_cold

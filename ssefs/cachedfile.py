@@ -288,16 +288,23 @@ class CachedFile:
         """Write the hot block, and any block still being sealed behind, to the cache (dirty): before
         sync, upload or truncate."""
         await self._settle()
-        if self._hot_index is None:
+        taken = self._take_hot()
+        if taken is None:
             return
-        index, content = self._hot_index, self._hot
-        self._hot_index, self._hot = None, bytearray()
-        # Readers see the block here until it is in the cache.
-        self._sealing[index] = content
+        index, content = taken
         try:
             await self._store(index, content, dirty=True)
         finally:
             del self._sealing[index]
+
+    def _take_hot(self) -> tuple[int, bytes | bytearray] | None:
+        """Hand the hot block over to ``_sealing``, where readers see it until it is in the cache."""
+        if self._hot_index is None:
+            return None
+        index, content = self._hot_index, self._hot
+        self._hot_index, self._hot = None, bytearray()
+        self._sealing[index] = content
+        return index, content
 
     async def _seal_behind(self) -> None:
         """The writer moves to another block: seal the hot one in the background, once the one
@@ -306,11 +313,10 @@ class CachedFile:
             await self.seal_hot()
             return
         await self._settle()
-        if self._hot_index is None:
+        taken = self._take_hot()
+        if taken is None:
             return
-        index, content = self._hot_index, self._hot
-        self._hot_index, self._hot = None, bytearray()
-        self._sealing[index] = content
+        index, content = taken
         done = self._sealed_behind = trio.Event()
         # The size now covers this block but not the next one, which the writer is about to count.
         self._background.start_soon(self._seal_in_background, index, content, self.entry.size, done)
