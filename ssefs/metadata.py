@@ -289,10 +289,19 @@ class MetadataIndex:
             self._forgotten.add(object_key)
             self._write_if_due()
 
+    def forget_now(self, object_key: str) -> None:
+        """Forget the key's row, on disk at once: before this mount changes the object in a way that
+        may keep its ETag and the second of its LastModified (a chmod's self-copy, an upload of the
+        same bytes). A crash that lost the new row must not leave the old one to match the new object."""
+        if object_key in self._known or object_key in self._forgotten:
+            self.forget(object_key)
+            self.write()
+
     def _write_if_due(self) -> None:
         # Rows are written in batches: one statement per file made an unlink a
         # third slower and a lookup twice as slow. What a crash loses is
-        # learnt again (a HEAD); a stale row is harmless (it matches no listing).
+        # learnt again (a HEAD); a stale row matches no listing, except one of an
+        # object this mount changed without changing its ETag: ``forget_now`` first.
         if len(self._unsaved) + len(self._forgotten) >= WRITE_BATCH:
             self.write()
 

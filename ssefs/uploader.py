@@ -177,6 +177,7 @@ class WriteBack:
         self, cache: BlockCache, store: ObjectStore, settings: S3Settings, *,
         delay: float, cached_file: Callable[[Entry], CachedFile],
         on_uploaded: Callable[[Entry], None] = lambda entry: None,
+        on_upload_start: Callable[[Entry], None] = lambda entry: None,
     ) -> None:
         self.cache = cache
         self.store = store
@@ -184,6 +185,7 @@ class WriteBack:
         self.delay = delay
         self._cached_file = cached_file
         self._on_uploaded = on_uploaded
+        self._on_upload_start = on_upload_start
         self._due: dict[int, float] = {}
         self._failures: dict[int, int] = {}
         self._in_flight: set[int] = set()
@@ -291,6 +293,7 @@ class WriteBack:
                     return None
                 return entry.base_key
 
+            self._on_upload_start(entry)
             etag = await upload_object(
                 self.store, self.settings, entry.object_key, size, read,
                 metadata=to_metadata(entry.attributes), copy_source=unchanged_in_base,

@@ -106,7 +106,7 @@ class Filesystem:
         self.directory_attributes = DirectoryAttributes(store)
         self.writeback = WriteBack(
             cache, store, config.s3, delay=config.cache.writeback_delay, cached_file=self.cached_file,
-            on_uploaded=self._uploaded,
+            on_uploaded=self._uploaded, on_upload_start=lambda entry: self.metadata.forget_now(entry.object_key),
         )
         # The CachedFile of each entry that is open; other entries get a fresh one per use.
         self._cached_files: dict[int, CachedFile] = {}
@@ -632,6 +632,8 @@ class Filesystem:
             if not entry.open_writers:
                 self.writeback.schedule(entry)
         else:
+            # A self-copy keeps the bytes and so, where the ETag is their MD5, the ETag.
+            self.metadata.forget_now(object_key)
             etag = await self.store.copy(object_key, object_key, to_metadata(wanted))
             self.metadata.put(object_key, etag, wanted)
             node.etag = etag

@@ -101,6 +101,22 @@ def test_forgotten_rows_are_deleted_in_batches_and_a_new_put_survives_them(tmp_p
     assert sorted(rows) == [("f1",)]
 
 
+def test_forget_now_removes_the_row_on_disk_before_a_change_that_keeps_the_etag(tmp_path: Path) -> None:
+    """A chmod's self-copy keeps the ETag (the data's MD5) and may land in the same second: if the
+    daemon is killed before the batched new row is written, the old row must not be there to match."""
+    index = MetadataIndex(tmp_path)
+    before = FileAttributes(0o100644, 0, 0, 1, None)
+    index.put_many([("file", "etag", before, 1000.2)])  # written at once, as after a listing
+    index.forget_now("file")
+    index.put("file", "etag", FileAttributes(0o100500, 0, 0, 1, None))  # batched: lost by the "kill"
+    killed = MetadataIndex(tmp_path)  # what a restart reads (no close(): nothing flushed)
+    assert killed.get("file", "etag", 1000.7) is None  # a HEAD learns the truth
+    killed.close()
+    index.forget("file")
+    index.forget_now("file")  # a forget still waiting for its batch is written too
+    index.forget_now("never-known")  # nothing to do, no error
+
+
 def test_attributes_are_written_in_batches(tmp_path: Path) -> None:
     """One transaction per lookup that learnt a LastModified made a cold stat twice as slow."""
     from ssefs.metadata import WRITE_BATCH
