@@ -85,6 +85,8 @@ class S3Settings:
     multipart_threshold: int = 16 * MiB
     part_size: int = 8 * MiB
     upload_concurrency: int = 4
+    # Large files written from their start upload their parts while still being written (streaming.py).
+    stream_uploads: bool = True
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     max_attempts: int = 4
@@ -313,6 +315,7 @@ def _build(config_path: Path, document: dict[str, Any]) -> Config:
         multipart_threshold=multipart_threshold,
         part_size=part_size,
         upload_concurrency=_positive(s3, "upload_concurrency", 4),
+        stream_uploads=s3.get("stream_uploads", bool, True),
         connect_timeout=_positive_float(s3, "connect_timeout", 5.0),
         read_timeout=_positive_float(s3, "read_timeout", 60.0),
         max_attempts=_positive(s3, "max_attempts", 4),

@@ -34,6 +34,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 MODE, UID, GID, MTIME = "mode", "uid", "gid", "mtime"
 # Extended attributes, sealed: x-amz-meta-ssefs-xattrs.
 XATTRS = "ssefs-xattrs"
+# An object uploaded while it was still being written (``streaming.py``) got its metadata before the
+# file was complete; its final mode, owner, group and time are in its tag ATTRIBUTES_TAG, read only
+# when this metadata name says so (a later self-copy or rename writes plain metadata, without it).
+ATTRIBUTES_IN_TAG = "ssefs-attributes-in-tag"
+ATTRIBUTES_TAG = "ssefs-attributes"
 # S3 allows 2 KiB of user metadata per object (names and values of x-amz-meta-*).
 USER_METADATA_LIMIT = 2048
 XATTR_ASSOCIATED_DATA = b"ssefs xattrs v1"
@@ -121,6 +126,32 @@ def to_metadata(attributes: FileAttributes) -> dict[str, str]:
     if attributes.xattrs:
         metadata[XATTRS] = attributes.xattrs
     return metadata
+
+
+def attributes_tag(attributes: FileAttributes) -> str:
+    """The value of ``ATTRIBUTES_TAG``: ``mode=... uid=... gid=... mtime=...`` (what is known), within
+    what S3 allows in a tag value (256 characters of letters, digits, spaces and ``+-=._:/@``)."""
+    fields = to_metadata(replace(attributes, xattrs=None))
+    return " ".join(f"{name}={value}" for name, value in fields.items())
+
+
+def with_tagged_attributes(metadata: dict[str, str], tag: str | None) -> tuple[dict[str, str], bool]:
+    """An object's metadata with the attributes its tag holds, and whether they are final.
+
+    Only metadata that names ``ATTRIBUTES_IN_TAG`` takes the tag; without the
+    tag (the upload completed, its tag not yet set) the metadata stands, not final.
+    """
+    if not any(name.lower() == ATTRIBUTES_IN_TAG for name in metadata):
+        return metadata, True
+    if tag is None:
+        return metadata, False
+    merged = {name: value for name, value in metadata.items() if name.lower() not in (ATTRIBUTES_IN_TAG, MODE, UID,
+                                                                                     GID, MTIME)}
+    for field in tag.split():
+        name, _, value = field.partition("=")
+        if name in (MODE, UID, GID, MTIME) and value:
+            merged[name] = value
+    return merged, True
 
 
 def metadata_size(metadata: dict[str, str]) -> int:

@@ -233,7 +233,7 @@ async def serve(
             if not config.mount.read_only:
                 await nursery.start(store.deletes.run)
             await nursery.start(cache.remove_dropped_files)
-            filesystem.background = nursery
+            filesystem.background = filesystem.streams.nursery = nursery
             nursery.start_soon(_report_status, state, status)
             nursery.start_soon(_announce_when_live, mountpoint, config, on_ready)
             await pyfuse3.main()

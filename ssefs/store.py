@@ -56,6 +56,7 @@ from .errors import (
     unwrap_group,
 )
 from .keys import KeyRing, SseKey
+from .metadata import ATTRIBUTES_IN_TAG, ATTRIBUTES_TAG, with_tagged_attributes
 from .quickpath import NOT_FOUND, PAST_THE_END, QuickPath
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ class ObjectInfo:
     etag: str
     mtime: float
     metadata: dict[str, str] = field(default_factory=dict)
+    # False while the attributes are not final: an object uploaded as it was written, its tag not set yet.
+    settled: bool = True
 
 
 @dataclass(frozen=True)
@@ -429,7 +432,7 @@ class ObjectStore:
                 ),
             )
             self._check_echo("HeadObject", object_key, response, key=sse_key)
-            return _info_from_head(object_key, response)
+            return await self._with_attributes_tag(_info_from_head(object_key, response))
 
         if key is not None:
             return await attempt(key)
@@ -471,8 +474,8 @@ class ObjectStore:
                     else:
                         try:
                             self._check_echo("HeadObject", object_key, answer, key=sse_key)
-                            results[object_key] = _info_from_head(object_key, answer)
-                        except NotEncrypted as error:
+                            results[object_key] = await self._with_attributes_tag(_info_from_head(object_key, answer))
+                        except SsefsError as error:  # NotEncrypted, or the tag could not be read
                             results[object_key] = error
 
             async with trio.open_nursery() as nursery:
@@ -489,6 +492,29 @@ class ObjectStore:
             for object_key in slow:
                 nursery.start_soon(head_one, object_key)
         return results
+
+    async def _with_attributes_tag(self, info: ObjectInfo) -> ObjectInfo:
+        """An object uploaded while it was written keeps its final attributes in a tag: read it."""
+        if not any(name.lower() == ATTRIBUTES_IN_TAG for name in info.metadata):
+            return info
+
+        def fetch() -> str | None:
+            tags = self._client.get_object_tagging(Bucket=self.bucket, Key=info.key).get("TagSet", [])
+            return next((str(tag["Value"]) for tag in tags if tag.get("Key") == ATTRIBUTES_TAG), None)
+
+        metadata, settled = with_tagged_attributes(info.metadata, await self._call("GetObjectTagging", info.key, fetch))
+        return ObjectInfo(info.key, info.size, info.etag, info.mtime, metadata, settled)
+
+    async def tag_attributes(self, object_key: str, tag: str) -> None:
+        """Set the attributes tag of an object uploaded while it was written (no data is copied)."""
+        await self._call(
+            "PutObjectTagging",
+            object_key,
+            functools.partial(
+                self._client.put_object_tagging, Bucket=self.bucket, Key=object_key,
+                Tagging={"TagSet": [{"Key": ATTRIBUTES_TAG, "Value": tag}]},
+            ),
+        )
 
     async def get_range(self, object_key: str, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (fewer at the end of the object)."""

@@ -32,8 +32,9 @@ from .cache import BLOCK_SIZE, BlockCache, Entry
 from .cachedfile import CachedFile
 from .config import MAX_PART_SIZE, MiB, S3Settings
 from .errors import NoSuchObject, SsefsError, unwrap_group
-from .metadata import to_metadata
+from .metadata import attributes_tag, to_metadata
 from .store import PENDING_CREATE_PREFIX, ObjectInfo, ObjectStore
+from .streaming import StreamedUpload, StreamedUploads
 
 log = logging.getLogger(__name__)
 
@@ -76,35 +77,8 @@ async def upload_object(
     etags: list[str] = [""] * part_count
     log.debug("multipart upload of %r: %d parts of %d bytes", object_key, part_count, part_size)
     try:
-        # A zero-capacity channel hands each part number to an idle worker, so at
-        # most ``upload_concurrency`` parts are in memory at once.
-        send_part, receive_part = trio.open_memory_channel[int](0)
-
-        async def worker(receive: trio.MemoryReceiveChannel[int]) -> None:
-            async with receive:
-                async for part_index in receive:
-                    offset = part_index * part_size
-                    end = min(offset + part_size, size)
-                    source = copy_source(offset, end)
-                    if source is not None:
-                        copied = await store.upload_part_copy(
-                            object_key, upload_id, part_index + 1, source, offset, end
-                        )
-                        if copied is not None:
-                            etags[part_index] = copied
-                            continue
-                    data = await read(offset, end - offset)
-                    etags[part_index] = await store.upload_part(object_key, upload_id, part_index + 1, data)
-
-        try:
-            async with trio.open_nursery() as nursery:
-                for _ in range(min(settings.upload_concurrency, part_count)):
-                    nursery.start_soon(worker, receive_part.clone())
-                async with send_part, receive_part:
-                    for part_index in range(part_count):
-                        await send_part.send(part_index)
-        except BaseExceptionGroup as group:
-            raise unwrap_group(group) from None
+        await send_parts(store, settings, object_key, upload_id, range(part_count), part_size, size, read, etags,
+                         copy_source)
         return await store.complete_multipart(object_key, upload_id, etags)
     except BaseException:
         with trio.CancelScope(shield=True):
@@ -113,6 +87,41 @@ async def upload_object(
             except Exception as abort_error:  # noqa: BLE001 - the original error matters more
                 log.warning("could not abort multipart upload of %r: %s", object_key, abort_error)
         raise
+
+
+async def send_parts(
+    store: ObjectStore, settings: S3Settings, object_key: str, upload_id: str, part_indexes: range,
+    part_size: int, size: int, read: ReadRange, etags: list[str],
+    copy_source: CopySource = lambda start, end: None,
+) -> None:
+    """Upload the parts ``part_indexes`` (their ETags into ``etags``), ``upload_concurrency`` at once."""
+    # A zero-capacity channel hands each part number to an idle worker, so at
+    # most ``upload_concurrency`` parts are in memory at once.
+    send_part, receive_part = trio.open_memory_channel[int](0)
+
+    async def worker(receive: trio.MemoryReceiveChannel[int]) -> None:
+        async with receive:
+            async for part_index in receive:
+                offset = part_index * part_size
+                end = min(offset + part_size, size)
+                source = copy_source(offset, end)
+                if source is not None:
+                    copied = await store.upload_part_copy(object_key, upload_id, part_index + 1, source, offset, end)
+                    if copied is not None:
+                        etags[part_index] = copied
+                        continue
+                data = await read(offset, end - offset)
+                etags[part_index] = await store.upload_part(object_key, upload_id, part_index + 1, data)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(settings.upload_concurrency, len(part_indexes))):
+                nursery.start_soon(worker, receive_part.clone())
+            async with send_part, receive_part:
+                for part_index in part_indexes:
+                    await send_part.send(part_index)
+    except BaseExceptionGroup as group:
+        raise unwrap_group(group) from None
 
 
 async def abort_unfinished_uploads(store: ObjectStore, cache: BlockCache) -> None:
@@ -178,8 +187,10 @@ class WriteBack:
         delay: float, cached_file: Callable[[Entry], CachedFile],
         on_uploaded: Callable[[Entry], None] = lambda entry: None,
         on_upload_start: Callable[[Entry], None] = lambda entry: None,
+        streams: StreamedUploads | None = None,
     ) -> None:
         self.cache = cache
+        self.streams = streams
         self.store = store
         self.settings = settings
         self.delay = delay
@@ -294,10 +305,14 @@ class WriteBack:
                 return entry.base_key
 
             self._on_upload_start(entry)
-            etag = await upload_object(
-                self.store, self.settings, entry.object_key, size, read,
-                metadata=to_metadata(entry.attributes), copy_source=unchanged_in_base,
-            )
+            stream = await self.streams.take(entry, size) if self.streams is not None else None
+            if stream is not None:
+                etag = await self._finish_stream(entry, stream, size, read)
+            else:
+                etag = await upload_object(
+                    self.store, self.settings, entry.object_key, size, read,
+                    metadata=to_metadata(entry.attributes), copy_source=unchanged_in_base,
+                )
             self.uploaded_files += 1
             self.uploaded_bytes += size
             if self.cache.is_live(entry):
@@ -308,6 +323,31 @@ class WriteBack:
                 await self.cache.sync_journal()
             self._due.pop(entry.id, None)
             log.debug("uploaded %r (%d bytes, generation %d)", entry.object_key, size, generation)
+
+    async def _finish_stream(self, entry: Entry, stream: StreamedUpload, size: int, read: ReadRange) -> str:
+        """Send what the stream has not sent yet, complete it, and give the object its final attributes."""
+        part_count = math.ceil(size / stream.part_size)
+        etags = [stream.etags.get(index, "") for index in range(part_count)]
+        try:
+            await send_parts(self.store, self.settings, stream.object_key, stream.upload_id,
+                             range(stream.claimed, part_count), stream.part_size, size, read, etags)
+            etag = await self.store.complete_multipart(stream.object_key, stream.upload_id, etags)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.store.abort_multipart(stream.object_key, stream.upload_id)
+                except Exception as abort_error:  # noqa: BLE001 - the original error matters more
+                    log.warning("could not abort multipart upload of %r: %s", stream.object_key, abort_error)
+            raise
+        try:
+            await self.store.tag_attributes(stream.object_key, attributes_tag(entry.attributes))
+        except SsefsError as error:
+            log.info("could not tag %r with its attributes (%s); writing them by a server-side copy",
+                     stream.object_key, error)
+            etag = await self.store.copy(stream.object_key, stream.object_key, to_metadata(entry.attributes))
+        log.debug("completed the upload of %r begun while it was written (%d of %d parts then)",
+                  stream.object_key, stream.claimed, part_count)
+        return etag
 
     async def flush_all(self) -> list[Entry]:
         """Try once to upload everything dirty (at unmount); returns what is still dirty."""

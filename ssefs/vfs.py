@@ -46,6 +46,7 @@ from .metadata import (
 )
 from .readahead import SequentialReader
 from .store import ObjectInfo, ObjectStore
+from .streaming import StreamedUploads
 from .uploader import WriteBack, copy_object
 
 log = logging.getLogger(__name__)
@@ -104,9 +105,11 @@ class Filesystem:
         self.inodes = InodeTable(ttl=config.mount.attr_timeout)
         self.metadata = MetadataIndex(cache.directory)
         self.directory_attributes = DirectoryAttributes(store)
+        self.streams = StreamedUploads(store, config.s3, self.cached_file)
         self.writeback = WriteBack(
             cache, store, config.s3, delay=config.cache.writeback_delay, cached_file=self.cached_file,
             on_uploaded=self._uploaded, on_upload_start=lambda entry: self.metadata.forget_now(entry.object_key),
+            streams=self.streams,
         )
         # The CachedFile of each entry that is open; other entries get a fresh one per use.
         self._cached_files: dict[int, CachedFile] = {}
@@ -474,7 +477,8 @@ class Filesystem:
                 log.debug("no attributes for %r: %s", prefix + listed.name, answer)
             else:
                 listed.attributes = from_metadata(answer.metadata)
-                learned.append((prefix + listed.name, answer.etag, listed.attributes, answer.mtime))
+                if answer.settled:
+                    learned.append((prefix + listed.name, answer.etag, listed.attributes, answer.mtime))
         self.metadata.put_many(learned)
 
     # ------------------------------------------------------------------ open files
@@ -697,6 +701,7 @@ class Filesystem:
         await self.cache.ensure_space(2 * BLOCK_SIZE, self.writeback.make_room)
         async with entry.lock:
             cached_file = self.cached_file(entry)
+            self.streams.before_change(entry, size)
             await cached_file.truncate(size)
             if seal:
                 await cached_file.seal_hot()
@@ -725,7 +730,9 @@ class Filesystem:
         # Wait for room (backpressure) before taking the lock an upload needs.
         await self.cache.ensure_space(len(data) + 2 * BLOCK_SIZE, self.writeback.make_room)
         async with entry.lock:
+            self.streams.before_change(entry, offset)
             written = await self.cached_file(entry).write(offset, data)
+            self.streams.after_write(entry, offset + written)
         node = handle.open_file.node
         node.size, node.mtime_ns, node.has_local_data = entry.size, entry.mtime_ns, True
         return written
@@ -758,6 +765,8 @@ class Filesystem:
         entry = handle.entry
         if entry is not None:
             entry.open_writers -= 1
+            if entry.open_writers == 0:
+                self.streams.closed(entry)
             if entry.open_writers == 0 and self.cache.is_live(entry) and not entry.unlinked:
                 if entry.dirty:
                     async with entry.lock:
@@ -858,6 +867,7 @@ class Filesystem:
             return
         async with entry.lock:
             self.writeback.forget(entry)
+            self.streams.abandon(entry, "deleted or replaced")
             if self.cache.is_live(entry):
                 self.cache.drop_entry(entry)
         self._cached_files.pop(entry.id, None)
@@ -889,6 +899,7 @@ class Filesystem:
             await self.cache.ensure_space(entry.size + 2 * BLOCK_SIZE, self.writeback.make_room)
             async with entry.lock:
                 self.writeback.forget(entry)
+                self.streams.abandon(entry, "unlinked")
                 await self.cached_file(entry).make_local()
                 self.cache.unlink_entry(entry)
             open_file.unlinked_entry = entry
@@ -932,6 +943,10 @@ class Filesystem:
         old_key, new_key = self.object_key(node.path), self.object_key(target_path)
         entry = self.cache.entry(old_key)
         renamed_in_cache = False
+        if entry is not None and entry.dirty and not entry.open_writers and self.streams.streaming(entry):
+            # Written and closed while its parts were being sent (rsync's temporary file): finishing
+            # that upload and copying it server-side beats abandoning the parts and sending them again.
+            await self.writeback.upload(entry)
         if entry is not None and entry.dirty:
             # Upload under the new name (unchanged ranges still come from the old
             # object), then delete the old one: at no point is the data only in flight.
@@ -940,6 +955,7 @@ class Filesystem:
                 # An upload under the old name may have run while we waited for the
                 # lock: then the data is in S3 there, and a copy moves it.
                 if entry.dirty and self.cache.is_live(entry):
+                    self.streams.abandon(entry, "renamed")
                     self.cache.rename_entry(entry, new_key)
                     renamed_in_cache = True
         if renamed_in_cache:

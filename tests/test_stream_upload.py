@@ -1,0 +1,204 @@
+"""Uploading large files while they are written (streaming.py), end to end: real FUSE mount, real SeaweedFS."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ssefs.metadata import ATTRIBUTES_IN_TAG, ATTRIBUTES_TAG, FileAttributes, attributes_tag, with_tagged_attributes
+from ssefs.seaweed import SeaweedEndpoint
+
+from .conftest import Mount, server_bytes, sse_params, write_config
+
+MountFactory = Callable[..., Mount]
+MiB = 1024 * 1024
+PART = 5 * MiB
+# Small parts (S3's minimum) so that a few tens of MiB make several of them.
+S3_EXTRA = 'part_size = "5MiB"\nmultipart_threshold = "5MiB"'
+
+
+def pattern(size: int, seed: int = 7) -> bytes:
+    """Bytes that differ in every part (a part uploaded in the wrong place shows)."""
+    block = bytes((seed + index) % 251 for index in range(MiB))
+    return b"".join(block[index % 7:] + block[:index % 7] for index in range(size // MiB))
+
+
+def uploads_in_progress(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
+    return [upload for upload in s3.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])
+            if upload["Key"] == key]
+
+
+def parts_sent(s3: Any, bucket: str, key: str) -> int:
+    uploads = uploads_in_progress(s3, bucket, key)
+    if not uploads:
+        return 0
+    return len(s3.list_parts(Bucket=bucket, Key=key, UploadId=uploads[0]["UploadId"]).get("Parts", []))
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tag_of(s3: Any, bucket: str, key: str) -> str | None:
+    tags = s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
+    return next((tag["Value"] for tag in tags if tag["Key"] == ATTRIBUTES_TAG), None)
+
+
+@pytest.fixture
+def streaming_config(tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path) -> Path:
+    # Nothing is uploaded by the write-back delay during a test: only what streams, and fsync.
+    return write_config(tmp_path, endpoint, bucket, key_file, s3_extra=S3_EXTRA, cache_extra="writeback_delay = 600")
+
+
+# ---------------------------------------------------------------------- pure logic
+
+
+def test_the_attributes_tag_overrides_metadata_only_where_the_metadata_says_so() -> None:
+    final = FileAttributes(mode=0o100640, uid=1000, gid=100, mtime_ns=1_764_000_000_123_456_789)
+    tag = attributes_tag(final)
+    assert tag == "mode=33184 uid=1000 gid=100 mtime=1764000000.123456789"
+    created = {"mode": "33188", "uid": "0", "gid": "0", "mtime": "1700000000", ATTRIBUTES_IN_TAG: "1", "other": "x"}
+    assert with_tagged_attributes(created, tag) == (
+        {"mode": "33184", "uid": "1000", "gid": "100", "mtime": "1764000000.123456789", "other": "x"}, True)
+    # Completed but not tagged yet: the metadata of the creation stands, and is not final.
+    assert with_tagged_attributes(created, None) == (created, False)
+    # Plain metadata (a later self-copy or rename wrote it) ignores a tag left from before.
+    plain = {"mode": "33188", "mtime": "1700000000"}
+    assert with_tagged_attributes(plain, tag) == (plain, True)
+
+
+# ---------------------------------------------------------------------- through the mount
+
+
+def test_a_large_file_uploads_while_it_is_written(
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, streaming_config: Path,
+    mount_ssefs: MountFactory, s3: Any, key_bytes: bytes,
+) -> None:
+    mount = mount_ssefs(streaming_config)
+    path = mount.mountpoint / "big.bin"
+    data = pattern(48 * MiB)
+    with open(path, "wb") as writer:
+        writer.write(data[:40 * MiB])
+        writer.flush()
+        # Still open, nothing closed or synced: the first parts are on the server already.
+        wait_for(lambda: parts_sent(s3, bucket, "big.bin") >= 5, "parts sent while the file is open")
+        writer.write(data[40 * MiB:])
+    os.chmod(path, 0o640)
+    fsync_path(path)
+    assert uploads_in_progress(s3, bucket, "big.bin") == []
+    assert server_bytes(s3, bucket, "big.bin", key_bytes) == data
+    head = s3.head_object(Bucket=bucket, Key="big.bin", **sse_params(key_bytes))
+    assert head["Metadata"].get(ATTRIBUTES_IN_TAG) == "1"
+    local = os.stat(path)
+    assert tag_of(s3, bucket, "big.bin") == attributes_tag(
+        FileAttributes(local.st_mode, local.st_uid, local.st_gid, local.st_mtime_ns))
+    # Another mount with its own empty cache reads the final attributes from the tag.
+    other_config = write_config(tmp_path, endpoint, bucket, key_file, name="other", s3_extra=S3_EXTRA)
+    other = mount_ssefs(other_config)
+    seen = os.stat(other.mountpoint / "big.bin")
+    assert (stat.S_IMODE(seen.st_mode), seen.st_mtime_ns, seen.st_size) == (0o640, local.st_mtime_ns, len(data))
+    assert (other.mountpoint / "big.bin").read_bytes() == data
+
+
+def test_a_write_behind_the_parts_sent_uploads_the_file_whole(
+    streaming_config: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes,
+) -> None:
+    mount = mount_ssefs(streaming_config)
+    path = mount.mountpoint / "header-last.bin"
+    data = bytearray(pattern(40 * MiB))
+    with open(path, "wb") as writer:
+        writer.write(data)
+        writer.flush()
+        wait_for(lambda: parts_sent(s3, bucket, "header-last.bin") >= 3, "parts sent while the file is open")
+        # As muxers and archivers do: the header is written last, over bytes already sent.
+        writer.seek(100)
+        writer.write(b"HEADER")
+    data[100:106] = b"HEADER"
+    fsync_path(path)
+    assert server_bytes(s3, bucket, "header-last.bin", key_bytes) == data
+    head = s3.head_object(Bucket=bucket, Key="header-last.bin", **sse_params(key_bytes))
+    assert ATTRIBUTES_IN_TAG not in head["Metadata"]
+    wait_for(lambda: uploads_in_progress(s3, bucket, "header-last.bin") == [], "the abandoned upload aborted")
+
+
+def test_a_truncate_behind_the_parts_sent_uploads_what_is_left(
+    streaming_config: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes,
+) -> None:
+    mount = mount_ssefs(streaming_config)
+    path = mount.mountpoint / "cut.bin"
+    data = pattern(40 * MiB)
+    with open(path, "wb") as writer:
+        writer.write(data)
+        writer.flush()
+        wait_for(lambda: parts_sent(s3, bucket, "cut.bin") >= 3, "parts sent while the file is open")
+        writer.truncate(7 * MiB + 3)
+        writer.seek(0, os.SEEK_END)
+        writer.write(b"tail")
+    fsync_path(path)
+    assert server_bytes(s3, bucket, "cut.bin", key_bytes) == data[:7 * MiB + 3] + b"tail"
+    wait_for(lambda: uploads_in_progress(s3, bucket, "cut.bin") == [], "the abandoned upload aborted")
+
+
+def test_a_temporary_file_renamed_after_close_keeps_its_bytes_and_attributes(
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, streaming_config: Path,
+    mount_ssefs: MountFactory, s3: Any, key_bytes: bytes,
+) -> None:
+    """What rsync does: write a temporary name, close, set mode and time, rename over the final name."""
+    mount = mount_ssefs(streaming_config)
+    temporary = mount.mountpoint / ".final.bin.Xa81Qz"
+    data = pattern(32 * MiB, seed=3)
+    with open(temporary, "wb") as writer:
+        writer.write(data)
+        writer.flush()
+        wait_for(lambda: parts_sent(s3, bucket, ".final.bin.Xa81Qz") >= 2, "parts sent while the file is open")
+    os.chmod(temporary, 0o600)
+    os.utime(temporary, ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
+    os.rename(temporary, mount.mountpoint / "final.bin")
+    fsync_path(mount.mountpoint / "final.bin")
+    assert server_bytes(s3, bucket, "final.bin", key_bytes) == data
+    wait_for(lambda: ".final.bin.Xa81Qz" not in {item["Key"] for item in
+                                                 s3.list_objects_v2(Bucket=bucket).get("Contents", [])},
+             "the temporary name deleted")
+    assert uploads_in_progress(s3, bucket, ".final.bin.Xa81Qz") == []
+    other = mount_ssefs(write_config(tmp_path, endpoint, bucket, key_file, name="other", s3_extra=S3_EXTRA))
+    seen = os.stat(other.mountpoint / "final.bin")
+    assert (stat.S_IMODE(seen.st_mode), seen.st_mtime_ns) == (0o600, 1_600_000_000_123_456_789)
+
+
+def test_killed_while_streaming_the_restart_uploads_the_file_and_aborts_the_parts(
+    streaming_config: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes,
+) -> None:
+    mount = mount_ssefs(streaming_config)
+    path = mount.mountpoint / "killed.bin"
+    data = pattern(40 * MiB, seed=11)
+    with open(path, "wb") as writer:
+        writer.write(data)
+    wait_for(lambda: parts_sent(s3, bucket, "killed.bin") >= 3, "parts sent before the kill")
+    mount.process.send_signal(signal.SIGKILL)
+    mount.process.wait(timeout=30)
+    subprocess.run(["umount", "-l", str(mount.mountpoint)], capture_output=True)
+    again = mount_ssefs(streaming_config, mount.mountpoint)
+    # The restart aborts the unfinished upload and uploads the closed file whole from the cache.
+    fsync_path(again.mountpoint / "killed.bin")
+    assert server_bytes(s3, bucket, "killed.bin", key_bytes) == data
+    wait_for(lambda: uploads_in_progress(s3, bucket, "killed.bin") == [], "the unfinished upload aborted")
