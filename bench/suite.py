@@ -308,6 +308,8 @@ class Harness:
         self.profile_dir: Path | None = None
         self.peers: dict[str, Peer] = {}  # verified peers (--peers), by name
         self.peer_status: dict[str, dict[str, Any]] = {}  # every peer asked for: version, verified or why not
+        # Extra settings for the mount's config file (--set), by section: for A/B runs of one setting.
+        self.extra_settings: dict[str, list[str]] = {}
 
     # server and client ---------------------------------------------------------------
     def start_server(self) -> None:
@@ -330,10 +332,15 @@ class Harness:
             f'[s3]\nendpoint = "{endpoint.endpoint}"\nregion = "{endpoint.region}"\nbucket = "{BUCKET}"\n'
             f'ca_bundle = "{endpoint.ca_bundle}"\naccess_key_id = "{endpoint.access_key_id}"\n'
             f'secret_access_key = "{endpoint.secret_access_key}"\n'
-            f'[key]\nfile = "{self.key_file}"\n[cache]\ndir = "{cache_dir}"\nmax_size = "4GiB"\n'
+            f'{self.extra("s3")}[key]\nfile = "{self.key_file}"\n[cache]\ndir = "{cache_dir}"\nmax_size = "4GiB"\n'
+            f'{self.extra("cache")}' + "".join(f"[{section}]\n{self.extra(section)}" for section in self.extra_settings
+                                              if section not in ("s3", "cache"))
         )
         path.chmod(0o600)
         return path
+
+    def extra(self, section: str) -> str:
+        return "".join(line + "\n" for line in self.extra_settings.get(section, []))
 
     # peers (--peers) ------------------------------------------------------------------------
     def setup_peers(self) -> None:
@@ -1321,6 +1328,9 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true",
                         help="also run small_files, listing and the cold seq_read through s3fs-fuse and rclone mount "
                              "(bench/peers.py), where installed")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.NAME=TOML",
+                        help="an extra setting for the mount's config file, e.g. --set s3.stream_uploads=false "
+                             "(repeatable; for comparing one setting across runs)")
     args = parser.parse_args()
     chosen = list(WORKLOADS)
     if args.only:
@@ -1333,6 +1343,12 @@ def main() -> None:
     sizes = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="ssefs-suite-"))
     harness = Harness(work, sizes)
+    for setting in args.set:
+        name, equals, value = setting.partition("=")
+        section, dot, option = name.partition(".")
+        if not (equals and dot and section and option):
+            parser.error(f"--set takes SECTION.NAME=VALUE, not {setting!r}")
+        harness.extra_settings.setdefault(section, []).append(f"{option} = {value}")
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
         harness.profile_dir = args.profile.resolve()

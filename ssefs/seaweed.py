@@ -174,6 +174,9 @@ class SeaweedEndpoint:
     access_key_id: str
     secret_access_key: str
     region: str = REGION
+    # A second identity that may read, write and list but not set object tags (for tests of servers
+    # or policies that refuse tagging): (access key id, secret access key).
+    without_tagging: tuple[str, str] | None = None
 
     def client(self) -> Any:
         """A boto3 S3 client for this server (for setup, tests and checks)."""
@@ -227,13 +230,19 @@ class SeaweedServer:
 
         access_key_id = "ssefs" + secrets.token_hex(6)
         secret_access_key = secrets.token_urlsafe(30)
+        without_tagging = ("ssefs" + secrets.token_hex(6), secrets.token_urlsafe(30))
         identities = {
             "identities": [
                 {
                     "name": "admin",
                     "credentials": [{"accessKey": access_key_id, "secretKey": secret_access_key}],
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
+                },
+                {
+                    "name": "without-tagging",
+                    "credentials": [{"accessKey": without_tagging[0], "secretKey": without_tagging[1]}],
+                    "actions": ["Read", "Write", "List"],
+                },
             ]
         }
         identities_path = self.data_dir / "s3-identities.json"
@@ -273,6 +282,7 @@ class SeaweedServer:
             ca_bundle=ca_path,
             access_key_id=access_key_id,
             secret_access_key=secret_access_key,
+            without_tagging=without_tagging,
         )
         try:
             self._wait_until_ready()

@@ -168,6 +168,8 @@ class ObjectStore:
         self.deletes = DeleteQueue(self.delete_many)
         # Objects seen to be under the current key, while previous keys are configured.
         self._under_current_key: set[str] = set()
+        # Whether reading an attributes tag was refused once (warned about once per mount).
+        self._tag_read_failed = False
         self._key = self.keys.current
         self._sse = self._key.sse_params()
         self.limiter = trio.CapacityLimiter(settings.max_connections)
@@ -466,6 +468,7 @@ class ObjectStore:
             async def ask_batch(batch: list[tuple[str, SseKey]]) -> None:
                 async with hops:
                     answers = await trio.to_thread.run_sync(quick_path.head_many, batch, limiter=self.limiter)
+                tagged: list[ObjectInfo] = []
                 for (object_key, sse_key), answer in zip(batch, answers, strict=True):
                     if answer == NOT_FOUND:
                         results[object_key] = self._not_found("HeadObject", object_key)
@@ -474,9 +477,23 @@ class ObjectStore:
                     else:
                         try:
                             self._check_echo("HeadObject", object_key, answer, key=sse_key)
-                            results[object_key] = await self._with_attributes_tag(_info_from_head(object_key, answer))
-                        except SsefsError as error:  # NotEncrypted, or the tag could not be read
+                        except NotEncrypted as error:
                             results[object_key] = error
+                        else:
+                            info = _info_from_head(object_key, answer)
+                            results[object_key] = info
+                            if _attributes_in_tag(info):
+                                tagged.append(info)
+                # A directory of large files uploaded while written: their tags are read side by side.
+                async with trio.open_nursery() as tag_readers:
+                    for info in tagged:
+                        tag_readers.start_soon(read_tag, info)
+
+            async def read_tag(info: ObjectInfo) -> None:
+                try:
+                    results[info.key] = await self._with_attributes_tag(info)
+                except SsefsError as error:
+                    results[info.key] = error
 
             async with trio.open_nursery() as nursery:
                 for start in range(0, len(wanted), batch_size):
@@ -494,15 +511,31 @@ class ObjectStore:
         return results
 
     async def _with_attributes_tag(self, info: ObjectInfo) -> ObjectInfo:
-        """An object uploaded while it was written keeps its final attributes in a tag: read it."""
-        if not any(name.lower() == ATTRIBUTES_IN_TAG for name in info.metadata):
+        """An object uploaded while it was written keeps its final attributes in a tag: read it.
+
+        Where the tag cannot be read (no ``s3:GetObjectTagging`` permission, or a
+        server without tagging), the attributes the upload was created with stand,
+        marked not settled so that no index keeps them; the object itself stays
+        readable. Only an object that vanished meanwhile is an error.
+        """
+        if not _attributes_in_tag(info):
             return info
 
         def fetch() -> str | None:
             tags = self._client.get_object_tagging(Bucket=self.bucket, Key=info.key).get("TagSet", [])
             return next((str(tag["Value"]) for tag in tags if tag.get("Key") == ATTRIBUTES_TAG), None)
 
-        metadata, settled = with_tagged_attributes(info.metadata, await self._call("GetObjectTagging", info.key, fetch))
+        try:
+            tag = await self._call("GetObjectTagging", info.key, fetch)
+        except NoSuchObject:
+            raise
+        except SsefsError as error:
+            if not self._tag_read_failed:
+                log.warning("cannot read the attributes tag of %r (%s): files uploaded while they were written "
+                            "show the mode and time they were created with", info.key, error)
+            self._tag_read_failed = True
+            tag = None
+        metadata, settled = with_tagged_attributes(info.metadata, tag)
         return ObjectInfo(info.key, info.size, info.etag, info.mtime, metadata, settled)
 
     async def tag_attributes(self, object_key: str, tag: str) -> None:
@@ -950,6 +983,10 @@ def _info_from_listing(item: dict[str, Any]) -> ObjectInfo:
         etag=str(item.get("ETag", "")).strip('"'),
         mtime=item["LastModified"].timestamp() if item.get("LastModified") else 0.0,
     )
+
+
+def _attributes_in_tag(info: ObjectInfo) -> bool:
+    return any(name.lower() == ATTRIBUTES_IN_TAG for name in info.metadata)
 
 
 def _info_from_head(object_key: str, response: dict[str, Any]) -> ObjectInfo:

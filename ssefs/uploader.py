@@ -342,8 +342,11 @@ class WriteBack:
         try:
             await self.store.tag_attributes(stream.object_key, attributes_tag(entry.attributes))
         except SsefsError as error:
-            log.info("could not tag %r with its attributes (%s); writing them by a server-side copy",
-                     stream.object_key, error)
+            # The copy costs about what sending the parts again would: stop streaming on this mount.
+            log.warning("could not tag %r with its attributes (%s); writing them by a server-side copy, and "
+                        "uploading files only after they are written from now on", stream.object_key, error)
+            assert self.streams is not None  # the stream came from it
+            self.streams.enabled = False
             etag = await self.store.copy(stream.object_key, stream.object_key, to_metadata(entry.attributes))
         log.debug("completed the upload of %r begun while it was written (%d of %d parts then)",
                   stream.object_key, stream.claimed, part_count)

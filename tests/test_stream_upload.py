@@ -8,6 +8,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,38 @@ def test_killed_while_streaming_the_restart_uploads_the_file_and_aborts_the_part
     fsync_path(again.mountpoint / "killed.bin")
     assert server_bytes(s3, bucket, "killed.bin", key_bytes) == data
     wait_for(lambda: uploads_in_progress(s3, bucket, "killed.bin") == [], "the unfinished upload aborted")
+
+
+def test_where_tagging_is_refused_the_attributes_are_written_by_a_copy(
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, mount_ssefs: MountFactory, s3: Any,
+    key_bytes: bytes,
+) -> None:
+    """Credentials without s3:PutObjectTagging: the streamed object gets its final attributes as plain metadata."""
+    assert endpoint.without_tagging is not None
+    access_key_id, secret_access_key = endpoint.without_tagging
+    limited = replace(endpoint, access_key_id=access_key_id, secret_access_key=secret_access_key)
+    config = write_config(tmp_path, limited, bucket, key_file, s3_extra=S3_EXTRA, cache_extra="writeback_delay = 600")
+    mount = mount_ssefs(config)
+    path = mount.mountpoint / "untagged.bin"
+    data = pattern(32 * MiB, seed=5)
+    with open(path, "wb") as writer:
+        writer.write(data)
+        writer.flush()
+        wait_for(lambda: parts_sent(s3, bucket, "untagged.bin") >= 2, "parts sent while the file is open")
+    os.chmod(path, 0o604)
+    os.utime(path, ns=(1_650_000_000_000_000_000, 1_650_000_000_000_000_000))
+    fsync_path(path)
+    assert server_bytes(s3, bucket, "untagged.bin", key_bytes) == data
+    metadata = s3.head_object(Bucket=bucket, Key="untagged.bin", **sse_params(key_bytes))["Metadata"]
+    assert ATTRIBUTES_IN_TAG not in metadata
+    assert (int(metadata["mode"]) & 0o7777, float(metadata["mtime"])) == (0o604, 1_650_000_000.0)
+    assert tag_of(s3, bucket, "untagged.bin") is None
+    other = mount_ssefs(write_config(tmp_path, endpoint, bucket, key_file, name="other"))
+    seen = os.stat(other.mountpoint / "untagged.bin")
+    assert (stat.S_IMODE(seen.st_mode), seen.st_mtime_ns) == (0o604, 1_650_000_000_000_000_000)
+    # A copy costs about what the upload did: the next large file is not streamed on this mount.
+    with open(mount.mountpoint / "second.bin", "wb") as writer:
+        writer.write(data)
+        writer.flush()
+        time.sleep(2)
+        assert uploads_in_progress(s3, bucket, "second.bin") == []
