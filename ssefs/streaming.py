@@ -107,7 +107,7 @@ class StreamedUploads:
 
     def abandon(self, entry: Entry, reason: str) -> None:
         """Stop streaming ``entry``: it uploads whole; the upload is aborted once its parts are done."""
-        self._declined.add(entry.id)
+        self._decline(entry)
         stream = self._streams.pop(entry.id, None)
         if stream is None:
             return
@@ -119,6 +119,12 @@ class StreamedUploads:
                 self.nursery.start_soon(self._abort, stream)
             except RuntimeError:
                 pass  # the mount has stopped serving: the next start aborts it (it is journaled)
+
+    def _decline(self, entry: Entry) -> None:
+        """No new stream for ``entry`` until its last writer closes it (``closed`` forgets it then;
+        without a writer nothing is remembered, so deleted files leave nothing behind)."""
+        if entry.open_writers:
+            self._declined.add(entry.id)
 
     def closed(self, entry: Entry) -> None:
         """The file's last writer closed it: a later writer may stream it again."""
@@ -136,7 +142,7 @@ class StreamedUploads:
         stream = self._streams.get(entry.id)
         if stream is None:
             if entry.id in self._starting:
-                self._declined.add(entry.id)  # uploaded whole now: the upload being created is aborted
+                self._decline(entry)  # uploaded whole now: the upload being created is aborted
             return None
         if stream.in_flight:
             await stream.idle.wait()
@@ -173,7 +179,7 @@ class StreamedUploads:
                                                                        ATTRIBUTES_IN_TAG: "1"})
         except SsefsError as error:
             log.debug("could not start uploading %r while it is written: %s", object_key, error)
-            self._declined.add(entry.id)
+            self._decline(entry)
             return
         finally:
             self._starting.discard(entry.id)

@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 
+from ssefs.cache import Entry
+from ssefs.config import S3Settings
 from ssefs.metadata import ATTRIBUTES_IN_TAG, ATTRIBUTES_TAG, FileAttributes, attributes_tag, with_tagged_attributes
 from ssefs.seaweed import SeaweedEndpoint
+from ssefs.streaming import STREAM_AFTER_PARTS, StreamedUploads
 
 from .conftest import Mount, server_bytes, sse_params, write_config
 
@@ -238,3 +241,23 @@ def test_where_tagging_is_refused_the_attributes_are_written_by_a_copy(
         writer.flush()
         time.sleep(2)
         assert uploads_in_progress(s3, bucket, "second.bin") == []
+
+
+def test_abandoning_remembers_only_files_still_open_for_writing() -> None:
+    """A stream abandoned while its writer goes on is not restarted until the last close; a deleted file
+    (no writer) leaves nothing behind, so a mount deleting millions of files does not grow."""
+    streams = StreamedUploads(store=None, settings=S3Settings(endpoint="https://s3.example", bucket="b"),  # type: ignore[arg-type]
+                              cached_file=lambda entry: None)  # type: ignore[arg-type,return-value]
+    streams.nursery = object()  # type: ignore[assignment]  # serving: may start streams
+    size = STREAM_AFTER_PARTS * streams.settings.part_size
+    open_file = Entry(1, b"u1", "open.bin", None, "", 0, size, 0, open_writers=1)
+    deleted = Entry(2, b"u2", "gone.bin", None, "", 0, size, 0)
+    streams.abandon(open_file, "a change behind the parts sent")
+    streams.abandon(deleted, "deleted or replaced")
+    assert not streams._may_start(open_file, size)
+    assert streams._declined == {open_file.id}
+    open_file.open_writers = 0
+    streams.closed(open_file)
+    assert streams._declined == set()
+    open_file.open_writers = 1
+    assert streams._may_start(open_file, size)
