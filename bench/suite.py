@@ -14,8 +14,9 @@ extra (tqdm, matplotlib). The daemon's RSS is sampled every 100 ms over the whol
 Some rows are floors rather than limits, measured in the same run to show what bounds a workload on
 this machine: the small files and the 1 GiB write through bench/barefs.py (a pyfuse3 filesystem keeping
 everything in a dict: what FUSE, pyfuse3 and trio alone cost), the cold ``ls -l`` against the keyed
-HEADs it needs sent without FUSE (ssefs's libcurl path: the server's share), the 1 GiB write with
-boto3's upload running beside it (the most that uploading while writing could reach), and the cold
+HEADs it needs sent without FUSE (ssefs's libcurl path: the server's share), the 1 GiB write on a
+mount that uploads only after close with boto3's upload running beside it (the most that uploading
+while writing could reach), and the cold
 read against bench/barefs.py serving the file while boto3's ranged GETs fetch it beside it (the most
 a FUSE filesystem that fetches what it serves could reach on these two cores).
 
