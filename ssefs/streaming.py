@@ -107,18 +107,22 @@ class StreamedUploads:
 
     def abandon(self, entry: Entry, reason: str) -> None:
         """Stop streaming ``entry``: it uploads whole; the upload is aborted once its parts are done."""
-        self._decline(entry)
-        stream = self._streams.pop(entry.id, None)
-        if stream is None:
-            return
-        log.debug("no longer uploading %r while it is written: %s", stream.object_key, reason)
-        self.abandoned += 1
-        stream.abandoned = True
-        if self.nursery is not None:
+        stream = self._detach(entry, reason)
+        if stream is not None and self.nursery is not None:
             try:
                 self.nursery.start_soon(self._abort, stream)
             except RuntimeError:
                 pass  # the mount has stopped serving: the next start aborts it (it is journaled)
+
+    def _detach(self, entry: Entry, reason: str) -> StreamedUpload | None:
+        """Take ``entry``'s stream out of service (its upload still to be aborted by the caller)."""
+        self._decline(entry)
+        stream = self._streams.pop(entry.id, None)
+        if stream is not None:
+            log.debug("no longer uploading %r while it is written: %s", stream.object_key, reason)
+            self.abandoned += 1
+            stream.abandoned = True
+        return stream
 
     def _decline(self, entry: Entry) -> None:
         """No new stream for ``entry`` until its last writer closes it (``closed`` forgets it then;
@@ -156,7 +160,10 @@ class StreamedUploads:
         elif entry.attributes.xattrs != stream.attributes.xattrs:
             problem = "its extended attributes changed"
         if problem is not None:
-            self.abandon(entry, problem)
+            # Aborted here, not in the background: at unmount the mount's nursery is gone.
+            abandoned = self._detach(entry, problem)
+            if abandoned is not None:
+                await self._abort(abandoned)
             return None
         del self._streams[entry.id]
         self._declined.discard(entry.id)
@@ -207,7 +214,8 @@ class StreamedUploads:
             self.nursery.start_soon(self._send, entry, stream, index)
 
     async def _send(self, entry: Entry, stream: StreamedUpload, index: int) -> None:
-        sent = False
+        # Cancelled (the mount is stopping), the part is just left unsent: the uploader sends every
+        # part the stream lacks when it finishes it (at unmount too), so nothing is aborted or wasted.
         try:
             async with self._parts_at_once:
                 if stream.abandoned:
@@ -220,16 +228,12 @@ class StreamedUploads:
                     raise SsefsError(f"part {index + 1} of {stream.object_key!r} read short ({len(data)} bytes)")
                 stream.etags[index] = await self.store.upload_part(stream.object_key, stream.upload_id, index + 1,
                                                                    data)
-                sent = True
         except (SsefsError, OSError) as error:
             log.debug("part %d of %r could not be sent while the file is written: %s", index + 1,
                       stream.object_key, error)
             if self._streams.get(entry.id) is stream:
                 self.abandon(entry, "a part failed")
         finally:
-            # Also when cancelled (the mount is stopping): a stream missing a part cannot complete.
-            if not sent:
-                stream.abandoned = True
             stream.in_flight -= 1
             if not stream.in_flight:
                 stream.idle.set()

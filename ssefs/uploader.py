@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -90,7 +90,7 @@ async def upload_object(
 
 
 async def send_parts(
-    store: ObjectStore, settings: S3Settings, object_key: str, upload_id: str, part_indexes: range,
+    store: ObjectStore, settings: S3Settings, object_key: str, upload_id: str, part_indexes: Sequence[int],
     part_size: int, size: int, read: ReadRange, etags: list[str],
     copy_source: CopySource = lambda start, end: None,
 ) -> None:
@@ -328,9 +328,11 @@ class WriteBack:
         """Send what the stream has not sent yet, complete it, and give the object its final attributes."""
         part_count = math.ceil(size / stream.part_size)
         etags = [stream.etags.get(index, "") for index in range(part_count)]
+        # The tail, and any part the stream did not get to send (cut off by an unmount).
+        missing = [index for index, etag in enumerate(etags) if not etag]
         try:
             await send_parts(self.store, self.settings, stream.object_key, stream.upload_id,
-                             range(stream.claimed, part_count), stream.part_size, size, read, etags)
+                             missing, stream.part_size, size, read, etags)
             etag = await self.store.complete_multipart(stream.object_key, stream.upload_id, etags)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -348,8 +350,8 @@ class WriteBack:
             assert self.streams is not None  # the stream came from it
             self.streams.enabled = False
             etag = await self.store.copy(stream.object_key, stream.object_key, to_metadata(entry.attributes))
-        log.debug("completed the upload of %r begun while it was written (%d of %d parts then)",
-                  stream.object_key, stream.claimed, part_count)
+        log.debug("completed the upload of %r begun while it was written (%d of %d parts sent before)",
+                  stream.object_key, part_count - len(missing), part_count)
         return etag
 
     async def flush_all(self) -> list[Entry]:

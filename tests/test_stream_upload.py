@@ -261,3 +261,19 @@ def test_abandoning_remembers_only_files_still_open_for_writing() -> None:
     assert streams._declined == set()
     open_file.open_writers = 1
     assert streams._may_start(open_file, size)
+
+
+def test_unmounted_while_parts_are_in_flight_the_upload_is_finished_not_left(
+    streaming_config: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes,
+) -> None:
+    """A clean unmount right after close: the stream's parts cut off by the unmount are sent again and the
+    upload completed; no multipart upload is left on the server for the next start to abort."""
+    mount = mount_ssefs(streaming_config)
+    path = mount.mountpoint / "unmounted.bin"
+    data = pattern(96 * MiB, seed=13)
+    with open(path, "wb") as writer:
+        writer.write(data)
+    assert parts_sent(s3, bucket, "unmounted.bin") < 18, "the stream finished before the unmount: nothing tested"
+    assert mount.stop(timeout=120) == 0
+    assert server_bytes(s3, bucket, "unmounted.bin", key_bytes) == data
+    assert uploads_in_progress(s3, bucket, "unmounted.bin") == []
