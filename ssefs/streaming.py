@@ -83,6 +83,10 @@ class StreamedUploads:
         self.started = 0
         self.abandoned = 0
 
+    def __len__(self) -> int:
+        """Files whose parts are being uploaded while they are written."""
+        return len(self._streams)
+
     # ------------------------------------------------------------------ the writer's side
 
     def before_change(self, entry: Entry, offset: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -20,7 +21,7 @@ from ssefs.metadata import ATTRIBUTES_IN_TAG, ATTRIBUTES_TAG, FileAttributes, at
 from ssefs.seaweed import SeaweedEndpoint
 from ssefs.streaming import STREAM_AFTER_PARTS, StreamedUploads
 
-from .conftest import Mount, server_bytes, sse_params, write_config
+from .conftest import Mount, server_bytes, sse_params, ssefs_command, write_config
 
 MountFactory = Callable[..., Mount]
 MiB = 1024 * 1024
@@ -61,6 +62,12 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def status_of(mountpoint: Path) -> dict[str, Any]:
+    shown = subprocess.run(ssefs_command("status", str(mountpoint), "--json"), capture_output=True, text=True,
+                           timeout=30)
+    return dict(json.loads(shown.stdout)) if shown.returncode == 0 else {}
 
 
 def tag_of(s3: Any, bucket: str, key: str) -> str | None:
@@ -106,6 +113,11 @@ def test_a_large_file_uploads_while_it_is_written(
         writer.flush()
         # Still open, nothing closed or synced: the first parts are on the server already.
         wait_for(lambda: parts_sent(s3, bucket, "big.bin") >= 5, "parts sent while the file is open")
+        # ssefs status shows it (the daemon refreshes its status once a second).
+        wait_for(lambda: status_of(mount.mountpoint).get("streams_active") == 1, "the stream in ssefs status")
+        shown = subprocess.run(ssefs_command("status", str(mount.mountpoint)), capture_output=True, text=True,
+                               timeout=30).stdout
+        assert "sent while written: 1 file(s) now; 1 started, 0 uploaded whole instead" in shown
         writer.write(data[40 * MiB:])
     os.chmod(path, 0o640)
     fsync_path(path)
