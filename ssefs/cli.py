@@ -331,7 +331,7 @@ def status(mountpoint: Path, as_json: bool) -> None:
         ("deletes pending", state.get("deletes_pending", 0)),
         ("uploaded", f"{state['uploaded_files']} file(s), {format_size(state['uploaded_bytes'])} since mount"),
         ("sent while written", f"{state.get('streams_active', 0)} file(s) now; {state.get('streams_started', 0)} "
-                               f"started, {state.get('streams_abandoned', 0)} uploaded whole instead, since mount"),
+                               f"started, {state.get('streams_abandoned', 0)} abandoned since mount"),
         ("last upload error", state["last_upload_error"] or "none"),
     ]
     if state.get("read_only"):

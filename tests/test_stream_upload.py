@@ -117,7 +117,7 @@ def test_a_large_file_uploads_while_it_is_written(
         wait_for(lambda: status_of(mount.mountpoint).get("streams_active") == 1, "the stream in ssefs status")
         shown = subprocess.run(ssefs_command("status", str(mount.mountpoint)), capture_output=True, text=True,
                                timeout=30).stdout
-        assert "sent while written: 1 file(s) now; 1 started, 0 uploaded whole instead" in shown
+        assert "sent while written: 1 file(s) now; 1 started, 0 abandoned" in shown
         writer.write(data[40 * MiB:])
     os.chmod(path, 0o640)
     fsync_path(path)
