@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import stat
 import subprocess
@@ -289,3 +290,47 @@ def test_unmounted_while_parts_are_in_flight_the_upload_is_finished_not_left(
     assert mount.stop(timeout=120) == 0
     assert server_bytes(s3, bucket, "unmounted.bin", key_bytes) == data
     assert uploads_in_progress(s3, bucket, "unmounted.bin") == []
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_random_writes_while_streaming_land_exactly(
+    seed: int, streaming_config: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes,
+) -> None:
+    """Appends first (a stream starts), then in a random order more appends, writes and truncates near
+    the writer (where parts may not be sent yet) and far behind it (where they are), fsyncs while open
+    and pauses that let parts go out: what lands is exactly what was written, and no upload is left."""
+    rng = random.Random(seed)
+    mount = mount_ssefs(streaming_config)
+    name = f"random-{seed}.bin"
+    path = mount.mountpoint / name
+    model = bytearray()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for step in range(48):
+            choice = 0.0 if step < 8 else rng.random()
+            near = max(0, len(model) - 12 * MiB)  # within about two parts of the writer
+            if choice < 0.78:
+                chunk = rng.randbytes(rng.randrange(1, 6 * MiB))
+                os.pwrite(fd, chunk, len(model))
+                model += chunk
+            elif choice < 0.88:
+                offset = rng.randrange(near if choice < 0.86 else 0, len(model))
+                chunk = rng.randbytes(rng.randrange(1, 256 * 1024))
+                os.pwrite(fd, chunk, offset)
+                model[offset:offset + len(chunk)] = chunk
+            elif choice < 0.92:
+                size = rng.randrange(near, len(model))
+                os.ftruncate(fd, size)
+                del model[size:]
+            elif choice < 0.94:
+                os.fsync(fd)
+                assert server_bytes(s3, bucket, name, key_bytes) == model
+            else:
+                time.sleep(0.4)
+    finally:
+        os.close(fd)
+    fsync_path(path)
+    assert server_bytes(s3, bucket, name, key_bytes) == model
+    assert path.read_bytes() == model
+    wait_for(lambda: uploads_in_progress(s3, bucket, name) == [], "no upload left behind")
+    wait_for(lambda: status_of(mount.mountpoint).get("streams_started", 0) >= 1, "a stream started")
