@@ -14,8 +14,10 @@ in the object's tag (metadata.py). Anything that could make a part already
 handed out wrong abandons the stream: a write or truncate behind the parts
 given out, a rename, an unlink, extended attributes changed; its upload is
 aborted once its parts in flight are done, and the file uploads whole as it
-did before. A crash leaves the upload in the journal of unfinished multipart
-uploads (aborted at the next start) and the file dirty in the cache.
+did before. Parts cut off by an unmount are simply left unsent: the uploader
+sends every part a stream lacks when it finishes it. A crash leaves the upload
+in the journal of unfinished multipart uploads (aborted at the next start) and
+the file dirty in the cache.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ class StreamedUploads:
         self.nursery: trio.Nursery | None = None
         self._streams: dict[int, StreamedUpload] = {}
         self._starting: set[int] = set()
-        # Entries whose stream was abandoned: they upload whole, and do not start another one.
+        # Entries still open for writing whose stream was abandoned: they upload whole, and do not start
+        # another one until their last writer closes them.
         self._declined: set[int] = set()
         self._parts_at_once = trio.CapacityLimiter(settings.upload_concurrency)
         self.started = 0
