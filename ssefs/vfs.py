@@ -75,6 +75,14 @@ class FsError(SsefsError):
         super().__init__(message or os.strerror(errno_value), errno_value=errno_value)
 
 
+@dataclass(eq=False)
+class ListingFetch:
+    """One LIST of a directory that concurrent lookups wait for; a failure is theirs too."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    error: SsefsError | OSError | None = None
+
+
 @dataclass
 class OpenFile:
     """State shared by all handles open on one file."""
@@ -125,7 +133,7 @@ class Filesystem:
         # until the object changes. In memory only: a key added to the config is tried at the next mount.
         self._attributes_unreadable: dict[str, str] = {}
         # Directory listings being fetched, so that concurrent lookups share one LIST.
-        self._listing_fetches: dict[str, trio.Event] = {}
+        self._listing_fetches: dict[str, ListingFetch] = {}
         # Per directory too large to relist for a lookup: names probed since its last listing.
         self._probes_since_listing: dict[str, int] = {}
         # Where background work (read-ahead) runs; set by the mount while it serves.
@@ -407,24 +415,32 @@ class Filesystem:
             await self._refresh_listing(path)
         except (SsefsError, OSError) as error:
             log.debug("listing %r again in the background failed: %s", path, error)
+        except Exception:  # noqa: BLE001 - a task of the mount's nursery: raised, it would stop the mount
+            log.exception("listing %r again in the background failed", path)
 
     async def _refresh_listing(self, path: str) -> CachedListing:
         """A fresh listing of ``path``; concurrent callers share one fetch."""
-        pending = self._listing_fetches.get(path)
-        if pending is not None:
-            await pending.wait()
+        # A loop: waiters woken together must not each start a fetch of their own.
+        while (pending := self._listing_fetches.get(path)) is not None:
+            await pending.done.wait()
+            if pending.error is not None:
+                # In an outage every waiter would otherwise try again in turn, each for a full timeout.
+                raise pending.error
             listing = self.inodes.cached_listing(path)
             if listing is not None:
                 return listing
-        done = self._listing_fetches[path] = trio.Event()
+        fetch = self._listing_fetches[path] = ListingFetch()
         self._probes_since_listing.pop(path, None)
         self.inodes.begin_fetch(path)
         try:
             self.inodes.store_listing(path, await self._fetch_listing(path))
+        except (SsefsError, OSError) as error:
+            fetch.error = error
+            raise
         finally:
             self.inodes.end_fetch(path)
             del self._listing_fetches[path]
-            done.set()
+            fetch.done.set()
         listing = self.inodes.last_listing(path)
         assert listing is not None
         return listing

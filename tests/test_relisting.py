@@ -20,6 +20,7 @@ import trio
 from ssefs import vfs
 from ssefs.cache import BlockCache
 from ssefs.config import load_config
+from ssefs.errors import ServerUnavailable
 from ssefs.inodes import ROOT_INODE
 from ssefs.keys import load_key_ring
 from ssefs.metadata import XattrSealer
@@ -123,3 +124,40 @@ async def test_a_small_directory_is_listed_again_for_the_lookup(
     assert (await filesystem.lookup(small.inode, b"c")).size == 2
     assert (await filesystem.lookup(small.inode, b"a")).size == 1
     assert (counted.probes, counted.listings) == (0, 1)
+
+
+async def test_lookups_waiting_for_a_listing_that_fails_share_its_error(filesystem: vfs.Filesystem) -> None:
+    """Several lookups wait for one LIST and the server does not answer: each gets that LIST's error at
+    once, none starts a LIST of its own (in an outage each would wait a full timeout in turn), and no
+    bookkeeping is left behind (a fetch replaced by another's used to end in a KeyError that stopped the
+    mount, seen in the blackhole fault test)."""
+    calls = 0
+
+    async def unreachable(prefix: str) -> Any:
+        nonlocal calls
+        calls += 1
+        await trio.sleep(0.2)
+        raise ServerUnavailable(f"ListObjectsV2 {prefix!r} failed: read timeout")
+
+    filesystem.store.list_children = unreachable  # type: ignore[method-assign]
+    outcomes: list[BaseException | None] = []
+
+    async def refresh() -> None:
+        try:
+            await filesystem._refresh_listing("dir")
+        except ServerUnavailable as error:
+            outcomes.append(error)
+        else:
+            outcomes.append(None)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(refresh)
+    assert calls == 1
+    assert len(outcomes) == 3 and all(isinstance(outcome, ServerUnavailable) for outcome in outcomes)
+    assert filesystem._listing_fetches == {}
+    # The next lookup after the failure asks the server again.
+    with pytest.raises(ServerUnavailable):
+        await filesystem._refresh_listing("dir")
+    assert calls == 2
