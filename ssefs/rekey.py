@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -47,7 +47,7 @@ from .errors import (
 )
 from .keys import KeyRing, SseKey, load_key
 from .store import SSE_BLOCKED_HINT, ObjectInfo, ObjectStore
-from .uploader import copy_object
+from .uploader import copy_object, for_each
 
 DEFAULT_JOBS = 8
 # Human output names at most this many objects per list; --json lists them all.
@@ -198,26 +198,6 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-async def _for_each(items: list[ObjectInfo], jobs: int, work: Callable[[ObjectInfo], Awaitable[None]]) -> None:
-    """Run ``work`` on every item with at most ``jobs`` running at once."""
-    send, receive = trio.open_memory_channel[ObjectInfo](0)
-
-    async def worker(items_in: trio.MemoryReceiveChannel[ObjectInfo]) -> None:
-        async with items_in:
-            async for item in items_in:
-                await work(item)
-
-    try:
-        async with trio.open_nursery() as nursery:
-            for _ in range(max(1, min(jobs, len(items)))):
-                nursery.start_soon(worker, receive.clone())
-            async with send, receive:
-                for item in items:
-                    await send.send(item)
-    except BaseExceptionGroup as group:
-        raise unwrap_group(group) from None
 
 
 def _is_marker(info: ObjectInfo) -> bool:
@@ -535,7 +515,7 @@ async def rekey_objects(
             raise
 
     try:
-        await _for_each(listing, jobs, counted)
+        await for_each(listing, jobs, counted)
     finally:
         progress.close()
 
@@ -718,7 +698,7 @@ async def check_objects(
             streak.failure(failure)
 
     try:
-        await _for_each(listing, jobs, one)
+        await for_each(listing, jobs, one)
     finally:
         progress.close()
 

@@ -25,6 +25,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
@@ -49,6 +50,7 @@ RETRY_MAX_SECONDS = 300.0
 ReadRange = Callable[[int, int], Awaitable[bytes]]
 # For a byte range, the key of an object that holds exactly those bytes at the same offsets, if any.
 CopySource = Callable[[int, int], str | None]
+T = TypeVar("T")
 
 
 def part_size_for(total_size: int, configured: int) -> int:
@@ -94,32 +96,45 @@ async def send_parts(
     part_size: int, size: int, read: ReadRange, etags: list[str],
     copy_source: CopySource = lambda start, end: None,
 ) -> None:
-    """Upload the parts ``part_indexes`` (their ETags into ``etags``), ``upload_concurrency`` at once."""
-    # A zero-capacity channel hands each part number to an idle worker, so at
-    # most ``upload_concurrency`` parts are in memory at once.
-    send_part, receive_part = trio.open_memory_channel[int](0)
+    """Upload the parts ``part_indexes`` (their ETags into ``etags``), ``upload_concurrency`` at once
+    (so at most that many parts are in memory)."""
 
-    async def worker(receive: trio.MemoryReceiveChannel[int]) -> None:
-        async with receive:
-            async for part_index in receive:
-                offset = part_index * part_size
-                end = min(offset + part_size, size)
-                source = copy_source(offset, end)
-                if source is not None:
-                    copied = await store.upload_part_copy(object_key, upload_id, part_index + 1, source, offset, end)
-                    if copied is not None:
-                        etags[part_index] = copied
-                        continue
-                data = await read(offset, end - offset)
-                etags[part_index] = await store.upload_part(object_key, upload_id, part_index + 1, data)
+    async def send(part_index: int) -> None:
+        offset = part_index * part_size
+        end = min(offset + part_size, size)
+        source = copy_source(offset, end)
+        if source is not None:
+            copied = await store.upload_part_copy(object_key, upload_id, part_index + 1, source, offset, end)
+            if copied is not None:
+                etags[part_index] = copied
+                return
+        data = await read(offset, end - offset)
+        etags[part_index] = await store.upload_part(object_key, upload_id, part_index + 1, data)
+
+    await for_each(part_indexes, settings.upload_concurrency, send)
+
+
+async def for_each(items: Sequence[T], jobs: int, work: Callable[[T], Awaitable[None]]) -> None:
+    """Run ``work`` on every item, at most ``jobs`` at once; the first failure cancels the rest and is
+    raised as itself.
+
+    A zero-capacity channel hands each item to an idle worker, so no item is
+    taken (and its data read) before a worker is free for it.
+    """
+    send, receive = trio.open_memory_channel[T](0)
+
+    async def worker(items_in: trio.MemoryReceiveChannel[T]) -> None:
+        async with items_in:
+            async for item in items_in:
+                await work(item)
 
     try:
         async with trio.open_nursery() as nursery:
-            for _ in range(min(settings.upload_concurrency, len(part_indexes))):
-                nursery.start_soon(worker, receive_part.clone())
-            async with send_part, receive_part:
-                for part_index in part_indexes:
-                    await send_part.send(part_index)
+            for _ in range(max(1, min(jobs, len(items)))):
+                nursery.start_soon(worker, receive.clone())
+            async with send, receive:
+                for item in items:
+                    await send.send(item)
     except BaseExceptionGroup as group:
         raise unwrap_group(group) from None
 
