@@ -57,6 +57,13 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) ->
         time.sleep(0.1)
 
 
+def write_until_parts_sent(writer: Any, data: bytes, s3: Any, bucket: str, key: str, parts: int) -> None:
+    """Write ``data`` to the open ``writer`` and wait, the file still open, until ``parts`` parts are on the server."""
+    writer.write(data)
+    writer.flush()
+    wait_for(lambda: parts_sent(s3, bucket, key) >= parts, "parts sent while the file is open")
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -110,10 +117,8 @@ def test_a_large_file_uploads_while_it_is_written(
     path = mount.mountpoint / "big.bin"
     data = pattern(48 * MiB)
     with open(path, "wb") as writer:
-        writer.write(data[:40 * MiB])
-        writer.flush()
         # Still open, nothing closed or synced: the first parts are on the server already.
-        wait_for(lambda: parts_sent(s3, bucket, "big.bin") >= 5, "parts sent while the file is open")
+        write_until_parts_sent(writer, data[:40 * MiB], s3, bucket, "big.bin", 5)
         # ssefs status shows it (the daemon refreshes its status once a second).
         wait_for(lambda: status_of(mount.mountpoint).get("streams_active") == 1, "the stream in ssefs status")
         shown = subprocess.run(ssefs_command("status", str(mount.mountpoint)), capture_output=True, text=True,
@@ -144,9 +149,7 @@ def test_a_write_behind_the_parts_sent_uploads_the_file_whole(
     path = mount.mountpoint / "header-last.bin"
     data = bytearray(pattern(40 * MiB))
     with open(path, "wb") as writer:
-        writer.write(data)
-        writer.flush()
-        wait_for(lambda: parts_sent(s3, bucket, "header-last.bin") >= 3, "parts sent while the file is open")
+        write_until_parts_sent(writer, data, s3, bucket, "header-last.bin", 3)
         # As muxers and archivers do: the header is written last, over bytes already sent.
         writer.seek(100)
         writer.write(b"HEADER")
@@ -165,9 +168,7 @@ def test_a_truncate_behind_the_parts_sent_uploads_what_is_left(
     path = mount.mountpoint / "cut.bin"
     data = pattern(40 * MiB)
     with open(path, "wb") as writer:
-        writer.write(data)
-        writer.flush()
-        wait_for(lambda: parts_sent(s3, bucket, "cut.bin") >= 3, "parts sent while the file is open")
+        write_until_parts_sent(writer, data, s3, bucket, "cut.bin", 3)
         writer.truncate(7 * MiB + 3)
         writer.seek(0, os.SEEK_END)
         writer.write(b"tail")
@@ -185,9 +186,7 @@ def test_a_temporary_file_renamed_after_close_keeps_its_bytes_and_attributes(
     temporary = mount.mountpoint / ".final.bin.Xa81Qz"
     data = pattern(32 * MiB, seed=3)
     with open(temporary, "wb") as writer:
-        writer.write(data)
-        writer.flush()
-        wait_for(lambda: parts_sent(s3, bucket, ".final.bin.Xa81Qz") >= 2, "parts sent while the file is open")
+        write_until_parts_sent(writer, data, s3, bucket, ".final.bin.Xa81Qz", 2)
     os.chmod(temporary, 0o600)
     os.utime(temporary, ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
     os.rename(temporary, mount.mountpoint / "final.bin")
@@ -234,9 +233,7 @@ def test_where_tagging_is_refused_the_attributes_are_written_by_a_copy(
     path = mount.mountpoint / "untagged.bin"
     data = pattern(32 * MiB, seed=5)
     with open(path, "wb") as writer:
-        writer.write(data)
-        writer.flush()
-        wait_for(lambda: parts_sent(s3, bucket, "untagged.bin") >= 2, "parts sent while the file is open")
+        write_until_parts_sent(writer, data, s3, bucket, "untagged.bin", 2)
     os.chmod(path, 0o604)
     os.utime(path, ns=(1_650_000_000_000_000_000, 1_650_000_000_000_000_000))
     fsync_path(path)
