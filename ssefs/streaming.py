@@ -79,6 +79,8 @@ class StreamedUploads:
         self.nursery: trio.Nursery | None = None
         self._streams: dict[int, StreamedUpload] = {}
         self._starting: set[int] = set()
+        # Entries abandoned or uploaded whole while their upload was being created: it is aborted.
+        self._cancelled_starts: set[int] = set()
         # Entries still open for writing whose stream was abandoned: they upload whole, and do not start
         # another one until their last writer closes them.
         self._declined: set[int] = set()
@@ -124,6 +126,8 @@ class StreamedUploads:
     def _detach(self, entry: Entry, reason: str) -> StreamedUpload | None:
         """Take ``entry``'s stream out of service (its upload still to be aborted by the caller)."""
         self._decline(entry)
+        if entry.id in self._starting:
+            self._cancelled_starts.add(entry.id)
         stream = self._streams.pop(entry.id, None)
         if stream is not None:
             log.debug("no longer uploading %r while it is written: %s", stream.object_key, reason)
@@ -152,8 +156,7 @@ class StreamedUploads:
         with the entry's current attributes; else None (and the stream is abandoned)."""
         stream = self._streams.get(entry.id)
         if stream is None:
-            if entry.id in self._starting:
-                self._decline(entry)  # uploaded whole now: the upload being created is aborted
+            self._detach(entry, "uploaded whole")  # an upload being created is aborted once it is there
             return None
         if stream.in_flight:
             await stream.idle.wait()
@@ -197,13 +200,16 @@ class StreamedUploads:
             return
         finally:
             self._starting.discard(entry.id)
+            cancelled = entry.id in self._cancelled_starts
+            self._cancelled_starts.discard(entry.id)
         stream = StreamedUpload(object_key, upload_id, self.settings.part_size, attributes)
         stream.idle.set()
         self.started += 1
         self._streams[entry.id] = stream
-        # The file may have been uploaded whole, renamed or unlinked while the upload was being created.
-        if (entry.object_key != object_key or entry.id in self._declined or entry.base_valid
-                or entry.uploaded_generation != uploaded or not entry.open_writers):
+        # The file may have been uploaded whole, renamed, unlinked or dropped while the upload was being
+        # created. Closed meanwhile, it streams all the same: the upload after close takes the stream.
+        if (cancelled or entry.object_key != object_key or entry.base_valid
+                or entry.uploaded_generation != uploaded):
             self.abandon(entry, "changed while the upload was being created")
             return
         log.debug("uploading %r while it is written", object_key)

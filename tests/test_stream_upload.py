@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from ssefs.cache import Entry
 from ssefs.config import S3Settings
@@ -331,3 +333,59 @@ def test_random_writes_while_streaming_land_exactly(
     assert path.read_bytes() == model
     wait_for(lambda: uploads_in_progress(s3, bucket, name) == [], "no upload left behind")
     wait_for(lambda: status_of(mount.mountpoint).get("streams_started", 0) >= 1, "a stream started")
+
+
+class SlowToCreateStore:
+    """Just what ``StreamedUploads`` asks of a store; CreateMultipartUpload answers only when released."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.parts: dict[int, int] = {}
+        self.aborted: list[str] = []
+
+    async def create_multipart(self, object_key: str, metadata: dict[str, str]) -> str:
+        await self.release.wait()
+        return "upload-1"
+
+    async def upload_part(self, object_key: str, upload_id: str, part_number: int, data: bytes) -> str:
+        self.parts[part_number] = len(data)
+        return f"etag-{part_number}"
+
+    async def abort_multipart(self, object_key: str, upload_id: str) -> None:
+        self.aborted.append(upload_id)
+
+
+class ZerosFile:
+    async def read(self, offset: int, size: int, *, keep: bool = True) -> bytes:
+        return bytes(size)
+
+
+@pytest.mark.parametrize("meanwhile", ["closed", "deleted", "uploaded whole"])
+async def test_what_happens_to_a_file_while_its_upload_is_being_created(meanwhile: str) -> None:
+    """A file closed before CreateMultipartUpload answered still streams (the upload after close takes it
+    over); one deleted or uploaded whole meanwhile gets its new upload aborted."""
+    store = SlowToCreateStore()
+    settings = S3Settings(endpoint="https://s3.example", bucket="b", part_size=5 * MiB)
+    streams = StreamedUploads(store, settings, lambda entry: ZerosFile())  # type: ignore[arg-type,return-value]
+    size = (STREAM_AFTER_PARTS + 2) * settings.part_size
+    entry = Entry(1, b"u1", "file.bin", None, "", 0, size, 0, generation=1, open_writers=1)
+    async with trio.open_nursery() as nursery:
+        streams.nursery = nursery
+        streams.after_write(entry, size)
+        await trio.testing.wait_all_tasks_blocked()
+        entry.open_writers = 0
+        streams.closed(entry)
+        if meanwhile == "deleted":
+            streams.abandon(entry, "deleted or replaced")
+        elif meanwhile == "uploaded whole":
+            assert await streams.take(entry, size) is None
+        store.release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        if meanwhile == "closed":
+            stream = await streams.take(entry, size)
+            assert stream is not None and stream.upload_id == "upload-1"
+            assert sorted(stream.etags) == [0, 1, 2, 3, 4] and store.aborted == []
+        else:
+            assert store.aborted == ["upload-1"] and len(streams) == 0
+            assert await streams.take(entry, size) is None
+    assert streams._cancelled_starts == set() and streams._declined == set()
