@@ -25,6 +25,7 @@ from ssefs.seaweed import SeaweedEndpoint
 from ssefs.streaming import STREAM_AFTER_PARTS, StreamedUploads
 
 from .conftest import Mount, server_bytes, sse_params, ssefs_command, write_config
+from .proxy import TcpProxy
 
 MountFactory = Callable[..., Mount]
 MiB = 1024 * 1024
@@ -276,17 +277,24 @@ def test_abandoning_remembers_only_files_still_open_for_writing() -> None:
 
 
 def test_unmounted_while_parts_are_in_flight_the_upload_is_finished_not_left(
-    streaming_config: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes,
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, mount_ssefs: MountFactory, s3: Any,
+    key_bytes: bytes,
 ) -> None:
     """A clean unmount right after close: the stream's parts cut off by the unmount are sent again and the
-    upload completed; no multipart upload is left on the server for the next start to abort."""
-    mount = mount_ssefs(streaming_config)
-    path = mount.mountpoint / "unmounted.bin"
-    data = pattern(96 * MiB, seed=13)
-    with open(path, "wb") as writer:
-        writer.write(data)
-    assert parts_sent(s3, bucket, "unmounted.bin") < 18, "the stream finished before the unmount: nothing tested"
-    assert mount.stop(timeout=120) == 0
+    upload completed; no multipart upload is left on the server for the next start to abort. The mount talks
+    to the server through a proxy that slows every chunk, so that parts are surely still in flight."""
+    port = int(endpoint.endpoint.rsplit(":", 1)[1])
+    with TcpProxy("127.0.0.1", port) as proxy:
+        config = write_config(tmp_path, endpoint, bucket, key_file, endpoint_url=proxy.endpoint, s3_extra=S3_EXTRA,
+                              cache_extra="writeback_delay = 600")
+        mount = mount_ssefs(config)
+        proxy.set_latency(per_chunk=0.005)
+        path = mount.mountpoint / "unmounted.bin"
+        data = pattern(64 * MiB, seed=13)
+        with open(path, "wb") as writer:
+            write_until_parts_sent(writer, data, s3, bucket, "unmounted.bin", 1)
+        assert parts_sent(s3, bucket, "unmounted.bin") < 12, "the stream finished before the unmount"
+        assert mount.stop(timeout=120) == 0
     assert server_bytes(s3, bucket, "unmounted.bin", key_bytes) == data
     assert uploads_in_progress(s3, bucket, "unmounted.bin") == []
 
