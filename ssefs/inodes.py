@@ -9,7 +9,9 @@ adds one, ``forget`` subtracts) or while files are open on it; after that it
 may be dropped and the path gets a new inode number next time.
 
 Directory listings are cached for ``attr_timeout`` seconds; a change made
-through this mount updates exactly the name it touched in the cached listing
+through this mount updates exactly the name it touched in the cached listing,
+and that name is known as of the change, so it answers lookups for
+``attr_timeout`` after the change even once the listing as a whole has expired
 (and a listing past its time still answers lookups while S3 cannot be reached).
 This module does no I/O.
 """
@@ -82,6 +84,11 @@ class DirectoryEntry:
 class CachedListing:
     entries: dict[str, DirectoryEntry]
     fetched_at: float = field(default_factory=time.monotonic)
+    # Names changed through this mount since the fetch, and when (monotonic seconds): S3 held
+    # what ``entries`` says of them (an absent name: nothing) at that time, not just at the fetch.
+    changed_at: dict[str, float] = field(default_factory=dict)
+    # ``changed_at`` is pruned of changes older than the TTL whenever it reaches this size.
+    prune_at: int = 1024
 
 
 def child_path(parent: str, name: str) -> str:
@@ -233,6 +240,18 @@ class InodeTable:
             return None
         return listing
 
+    def recent_change(self, parent: str, name: str) -> tuple[bool, DirectoryEntry | None]:
+        """``(True, entry)`` if ``name`` in ``parent`` was changed through this mount less than
+        the TTL ago (``entry`` None: it was removed), whether or not the listing is still fresh;
+        ``(False, None)`` if S3 must be asked."""
+        listing = self._listings.get(parent)
+        if listing is None:
+            return False, None
+        changed = listing.changed_at.get(name)
+        if changed is None or time.monotonic() - changed >= self.ttl:
+            return False, None
+        return True, listing.entries.get(name)
+
     def begin_fetch(self, path: str) -> None:
         """A LIST of ``path`` is going out: remember changes noted from now until it is stored."""
         self._changes_during_fetch[path] = {}
@@ -266,6 +285,11 @@ class InodeTable:
             listing.entries.pop(name, None)
         else:
             listing.entries[name] = entry
+        now = time.monotonic()
+        listing.changed_at[name] = now
+        if len(listing.changed_at) >= listing.prune_at:
+            listing.changed_at = {key: at for key, at in listing.changed_at.items() if now - at < self.ttl}
+            listing.prune_at = max(1024, 2 * len(listing.changed_at))
 
     def invalidate_listing(self, path: str) -> None:
         listing = self._listings.get(path)

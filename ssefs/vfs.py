@@ -275,15 +275,20 @@ class Filesystem:
         if local is not None:
             return local
         listing = self.inodes.cached_listing(parent.path)
-        if listing is None and self._worth_relisting(parent.path):
+        if listing is not None:
+            answered, listed = True, listing.entries.get(name)
+        else:
+            # A name changed through this mount lately is known without asking S3.
+            answered, listed = self.inodes.recent_change(parent.path, name)
+        if not answered and self._worth_relisting(parent.path):
             try:
                 relisted = await self._refresh_listing(parent.path)
             except ServerUnavailable:
                 relisted = None  # the probe below falls back to the last listing seen
             # A name missing from the new listing is probed below before it is called absent.
-            listing = relisted if relisted is not None and name in relisted.entries else None
-        if listing is not None:
-            listed = listing.entries.get(name)
+            if relisted is not None and name in relisted.entries:
+                answered, listed = True, relisted.entries[name]
+        if answered:
             if listed is None:
                 raise FsError(errno.ENOENT)
             if not listed.is_dir and listed.attributes is None:

@@ -10,6 +10,7 @@ without FUSE, with the store's probes and LISTs counted.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,41 @@ async def test_lookups_waiting_for_a_listing_that_fails_share_its_error(filesyst
     with pytest.raises(ServerUnavailable):
         await filesystem._refresh_listing("dir")
     assert calls == 2
+
+
+async def test_names_changed_through_the_mount_are_known_past_the_listing(
+    filesystem: vfs.Filesystem, bucket: str, key_bytes: bytes, s3: Any,
+) -> None:
+    """A file uploaded or deleted through the mount is known as of that change: a lookup of it within
+    the TTL after the change needs no request, even once the directory's listing (older) has expired;
+    other names, and those changes once older than the TTL, are asked of S3 again."""
+    for name in ("theirs", "doomed"):
+        s3.put_object(Bucket=bucket, Key=f"mixed/{name}", Body=name.encode(), **sse_params(key_bytes))
+    mixed = await filesystem.lookup(ROOT_INODE, b"mixed")
+    await filesystem.list_directory(mixed.inode)
+    listed_at = trio.current_time()
+    await trio.sleep(TTL / 2)
+    fh, _node = await filesystem.create(mixed.inode, b"mine", mode=0o640, uid=0, gid=0)
+    await filesystem.write(fh, 0, b"written here")
+    await filesystem.fsync(fh)  # uploaded: S3 holds it as of now
+    await filesystem.release(fh)
+    await filesystem.unlink(mixed.inode, b"doomed")
+    await trio.sleep_until(listed_at + TTL + 0.1)
+    assert filesystem.inodes.cached_listing(mixed.path) is None
+    counted = Counted(filesystem.store)
+
+    mine = await filesystem.lookup(mixed.inode, b"mine")
+    assert (mine.size, mine.mode) == (len(b"written here"), 0o100640)
+    with pytest.raises(vfs.FsError) as absent:
+        await filesystem.lookup(mixed.inode, b"doomed")
+    assert absent.value.errno == errno.ENOENT
+    assert (counted.probes, counted.listings) == (0, 0)
+
+    # Another name is not known as of any change: the directory is listed again.
+    assert (await filesystem.lookup(mixed.inode, b"theirs")).size == len(b"theirs")
+    assert (counted.probes, counted.listings) == (0, 1)
+
+    # Once the change is older than the TTL, S3 is asked again.
+    await trio.sleep(TTL + 0.1)
+    assert (await filesystem.lookup(mixed.inode, b"mine")).size == len(b"written here")
+    assert counted.listings == 2

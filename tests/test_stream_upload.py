@@ -60,7 +60,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) ->
         time.sleep(0.1)
 
 
-def write_until_parts_sent(writer: Any, data: bytes, s3: Any, bucket: str, key: str, parts: int) -> None:
+def write_until_parts_sent(writer: Any, data: bytes | bytearray, s3: Any, bucket: str, key: str, parts: int) -> None:
     """Write ``data`` to the open ``writer`` and wait, the file still open, until ``parts`` parts are on the server."""
     writer.write(data)
     writer.flush()
