@@ -135,13 +135,18 @@ def attributes_tag(attributes: FileAttributes) -> str:
     return " ".join(f"{name}={value}" for name, value in fields.items())
 
 
+def names_attributes_tag(metadata: dict[str, str]) -> bool:
+    """Whether an object's metadata says its final attributes are in its tag (uploaded while written)."""
+    return any(name.lower() == ATTRIBUTES_IN_TAG for name in metadata)
+
+
 def with_tagged_attributes(metadata: dict[str, str], tag: str | None) -> tuple[dict[str, str], bool]:
     """An object's metadata with the attributes its tag holds, and whether they are final.
 
     Only metadata that names ``ATTRIBUTES_IN_TAG`` takes the tag; without the
     tag (the upload completed, its tag not yet set) the metadata stands, not final.
     """
-    if not any(name.lower() == ATTRIBUTES_IN_TAG for name in metadata):
+    if not names_attributes_tag(metadata):
         return metadata, True
     if tag is None:
         return metadata, False

@@ -56,7 +56,7 @@ from .errors import (
     unwrap_group,
 )
 from .keys import KeyRing, SseKey
-from .metadata import ATTRIBUTES_IN_TAG, ATTRIBUTES_TAG, with_tagged_attributes
+from .metadata import ATTRIBUTES_TAG, names_attributes_tag, with_tagged_attributes
 from .quickpath import NOT_FOUND, PAST_THE_END, QuickPath
 
 log = logging.getLogger(__name__)
@@ -482,7 +482,7 @@ class ObjectStore:
                         else:
                             info = _info_from_head(object_key, answer)
                             results[object_key] = info
-                            if _attributes_in_tag(info):
+                            if names_attributes_tag(info.metadata):
                                 tagged.append(info)
                 # A directory of large files uploaded while written: their tags are read side by side.
                 async with trio.open_nursery() as tag_readers:
@@ -518,7 +518,7 @@ class ObjectStore:
         marked not settled so that no index keeps them; the object itself stays
         readable. Only an object that vanished meanwhile is an error.
         """
-        if not _attributes_in_tag(info):
+        if not names_attributes_tag(info.metadata):
             return info
 
         def fetch() -> str | None:
@@ -984,9 +984,6 @@ def _info_from_listing(item: dict[str, Any]) -> ObjectInfo:
         mtime=item["LastModified"].timestamp() if item.get("LastModified") else 0.0,
     )
 
-
-def _attributes_in_tag(info: ObjectInfo) -> bool:
-    return any(name.lower() == ATTRIBUTES_IN_TAG for name in info.metadata)
 
 
 def _info_from_head(object_key: str, response: dict[str, Any]) -> ObjectInfo:
