@@ -94,6 +94,11 @@ WHOLE_BLOCK_MAGIC = b"SSEFSB1\0"
 INLINE_LIMIT = 64 * 1024
 # Object keys never start with NUL: entries of files unlinked while open are renamed under it.
 UNLINKED_PREFIX = "\0unlinked/"
+# The journal rows of dropped clean entries (an uploaded file deleted, or changed elsewhere) are deleted
+# this many at a time: one commit per ``rm`` cost most of an unlink. Lost in a crash, such rows only
+# bring back a clean cached copy of a file that is gone, as when another client deletes a file we
+# cached; a dirty entry's rows go at once, so a crash can never bring back, and upload, a deleted file.
+DROPPED_ROWS_BATCH = 256
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -272,6 +277,8 @@ class BlockCache:
         ring = keys if isinstance(keys, KeyRing) else KeyRing(keys)
         self._ciphers: dict[bytes, AESGCM] = {}
         self._db = sqlite3.connect(self.directory / "journal.sqlite", isolation_level=None)
+        # Dropped clean entries whose rows are still in the journal: object key -> entry id.
+        self._dropped_rows: dict[str, int] = {}
         os.chmod(self.directory / "journal.sqlite", 0o600)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: single statements commit without an fsync; ``sync`` and
@@ -411,6 +418,7 @@ class BlockCache:
                 entry_dir.rmdir()
 
     def close(self) -> None:
+        self._delete_dropped_rows()
         self._db.close()
         self._lock_file.close()
 
@@ -450,6 +458,8 @@ class BlockCache:
         """A new entry for ``object_key`` whose unstored bytes come from the object as it is now."""
         if object_key in self._by_key:
             self.drop_entry(self._by_key[object_key])
+        if object_key in self._dropped_rows:
+            self._delete_dropped_rows()  # the key is unique in the journal
         uid = secrets.token_bytes(16)
         base_key = object_key if exists_in_s3 else None
         base_valid = base_size if exists_in_s3 else 0
@@ -475,9 +485,14 @@ class BlockCache:
         for index in list(self._entry_blocks.get(entry.id, ())):
             self._forget_block(entry, index, remove_file=False)
         self._entry_blocks.pop(entry.id, None)
-        with self._transaction():
-            self._db.execute("DELETE FROM blocks WHERE entry_id = ?", (entry.id,))
-            self._db.execute("DELETE FROM entries WHERE id = ?", (entry.id,))
+        if entry.dirty or entry.object_key in self._dropped_rows:
+            with self._transaction():
+                self._db.execute("DELETE FROM blocks WHERE entry_id = ?", (entry.id,))
+                self._db.execute("DELETE FROM entries WHERE id = ?", (entry.id,))
+        else:
+            self._dropped_rows[entry.object_key] = entry.id
+            if len(self._dropped_rows) >= DROPPED_ROWS_BATCH:
+                self._delete_dropped_rows()
         self._entries.pop(entry.id, None)
         if self._by_key.get(entry.object_key) is entry:
             del self._by_key[entry.object_key]
@@ -493,6 +508,16 @@ class BlockCache:
             else:
                 shutil.rmtree(directory, ignore_errors=True)
         self._signal_space()
+
+    def _delete_dropped_rows(self) -> None:
+        """Delete the journal rows of the clean entries dropped since the last time, in one commit."""
+        if not self._dropped_rows:
+            return
+        doomed = [(entry_id,) for entry_id in self._dropped_rows.values()]
+        with self._transaction():
+            self._db.executemany("DELETE FROM blocks WHERE entry_id = ?", doomed)
+            self._db.executemany("DELETE FROM entries WHERE id = ?", doomed)
+        self._dropped_rows.clear()
 
     async def remove_dropped_files(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Delete the block files of dropped entries in a worker thread, off the request path.
@@ -561,6 +586,8 @@ class BlockCache:
         replaced = self._by_key.get(new_key)
         if replaced is not None and replaced is not entry:
             self.drop_entry(replaced)
+        if new_key in self._dropped_rows:
+            self._delete_dropped_rows()  # the key is unique in the journal
         with self._transaction():
             self._db.execute("UPDATE entries SET object_key = ? WHERE id = ?", (new_key, entry.id))
         del self._by_key[entry.object_key]

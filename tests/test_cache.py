@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import random
+import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -1364,3 +1365,50 @@ async def test_a_format_2_cache_is_upgraded_in_place_and_older_formats_are_refus
         db.commit()
     with pytest.raises(CacheMismatch, match="format '1'"):
         make_cache(cache_dir)
+
+
+async def test_dropped_clean_entries_leave_the_journal_in_batches_dirty_ones_at_once(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A clean entry dropped (an uploaded file deleted) keeps its journal rows until a batch of them goes
+    in one commit: lost in a crash, they bring back only a clean copy, never an upload. A dirty entry's
+    rows go at once. The key can be used again at once, and what a crash finds is read from the journal
+    as another connection sees it."""
+    from ssefs import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "DROPPED_ROWS_BATCH", 3)
+    cache = make_cache(cache_dir, inline_limit=64 * 1024)
+    journal = sqlite3.connect(cache_dir / "journal.sqlite")  # what a crash now would leave
+
+    def rows(object_key: str) -> list[tuple[int, int]]:
+        return journal.execute("SELECT generation, uploaded_generation FROM entries WHERE object_key = ?",
+                               (object_key,)).fetchall()
+
+    def uploaded(object_key: str, data: bytes) -> Entry:
+        entry = new_entry(cache, object_key)
+        cache.record_change(entry, size=len(data))
+        cache.mark_uploaded(entry, entry.generation, etag="e-" + object_key, size=len(data))
+        return entry
+
+    dirty = new_entry(cache, "dirty")
+    cache.drop_entry(dirty)
+    assert rows("dirty") == []
+    cache.drop_entry(uploaded("a", b"aa"))
+    cache.drop_entry(uploaded("b", b"bb"))
+    assert [len(rows(key)) for key in ("a", "b")] == [1, 1]
+    assert all(generation == uploaded_at for generation, uploaded_at in rows("a") + rows("b"))  # clean
+    new_entry(cache, "a")  # the key is used again before its old rows are gone: the pending rows go first
+    assert len(rows("a")) == 1 and rows("b") == []
+    cache.drop_entry(uploaded("c", b"cc"))
+    cache.drop_entry(uploaded("d", b"dd"))
+    assert [len(rows(key)) for key in ("c", "d")] == [1, 1]
+    cache.drop_entry(uploaded("e", b"ee"))  # the third pending drop: one commit for all three
+    assert [rows(key) for key in ("c", "d", "e")] == [[], [], []]
+    cache.drop_entry(uploaded("f", b"ff"))
+    assert len(rows("f")) == 1
+    cache.close()
+    assert rows("f") == [] and len(rows("a")) == 1
+    journal.close()
+    reopened = make_cache(cache_dir)
+    assert [entry.object_key for entry in reopened.entries()] == ["a"]
+    reopened.close()
