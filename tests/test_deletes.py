@@ -328,7 +328,10 @@ def test_deletes_not_sent_before_a_kill_are_sent_by_the_next_mount(
     assert len(keys(s3, bucket, "gone/")) == 51  # nothing was deleted yet
     proxy.up()
     second = mount_ssefs(config, first.mountpoint)
-    assert os.listdir(second.mountpoint / "gone") == ["kept"]  # hidden at once, not resurrected
+    listed = os.listdir(second.mountpoint / "gone")
+    # Hidden at once, not resurrected. (Failed once in CI, not reproduced in 11 runs: what the server held
+    # then and what the daemon logged say whether the deletes were lost or sent and still listed.)
+    assert listed == ["kept"], (sorted(listed)[:3], sorted(keys(s3, bucket, "gone/"))[:3], second.log()[-3000:])
     deadline = time.monotonic() + 30
     while keys(s3, bucket, "gone/") != {"gone/kept"}:
         assert time.monotonic() < deadline, keys(s3, bucket, "gone/")
