@@ -640,11 +640,14 @@ class ObjectStore:
                     objects.append(_info_from_listing(item))
             return Listing(objects, prefixes)
 
+        # What is being deleted reads as absent; so does what was pending when the LIST went out: its
+        # delete may be confirmed while the LIST is answered, which still shows the object.
+        deleting = set(self.deletes.pending_under(prefix))
         listing = await self._call("ListObjectsV2", prefix, fetch)
-        if not self.deletes:
+        if not self.deletes and not deleting:
             return listing
-        # What is being deleted reads as absent.
-        return Listing([info for info in listing.objects if not self.deletes.is_pending(info.key)], listing.prefixes)
+        return Listing([info for info in listing.objects
+                        if info.key not in deleting and not self.deletes.is_pending(info.key)], listing.prefixes)
 
     async def list_tree(self, prefix: str) -> list[ObjectInfo]:
         """Every object whose key starts with ``prefix``, at any depth, markers included."""
@@ -652,8 +655,9 @@ class ObjectStore:
         def fetch() -> list[ObjectInfo]:
             return [_info_from_listing(item) for page in self._list_pages(prefix) for item in page.get("Contents", ())]
 
+        deleting = set(self.deletes.pending_under(prefix))  # as in ``list_children``
         return [info for info in await self._call("ListObjectsV2", prefix, fetch)
-                if not self.deletes.is_pending(info.key)]
+                if info.key not in deleting and not self.deletes.is_pending(info.key)]
 
     async def first_object_with_prefix(self, prefix: str) -> ObjectInfo | None:
         """The lexicographically first object whose key starts with ``prefix``, if any."""

@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -227,6 +228,40 @@ async def test_pending_keys_read_as_absent_and_a_write_cancels_their_delete(
 
 
 # ---------------------------------------------------------------------- through a mount
+
+
+async def test_a_delete_confirmed_while_a_listing_is_answered_does_not_bring_the_object_back(
+    endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey,
+) -> None:
+    """The LIST is answered before the delete lands and the delete is confirmed before the LIST's answer is
+    read: the object must still read as absent (it came back in a listing right after a remount, whose
+    journaled deletes went out while the first directory listing was under way)."""
+    store = make_store(endpoint, bucket, sse_key)
+    for name in ("r/a", "r/b"):
+        await store.put(name, b"x")
+    store.delete_later("r/a")
+    listed, release = threading.Event(), threading.Event()
+    pages = store._list_pages
+
+    def slow_pages(prefix: str, **options: Any) -> Any:
+        for page in pages(prefix, **options):
+            listed.set()
+            release.wait(30)
+            yield page
+
+    store._list_pages = slow_pages  # type: ignore[method-assign]
+    children: list[str] = []
+
+    async def list_r() -> None:
+        children.extend(info.key for info in (await store.list_children("r/")).objects)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(list_r)
+        await trio.to_thread.run_sync(listed.wait, 30)
+        await store.deletes.flush()  # confirmed while the LIST's answer waits
+        assert not store.deletes.is_pending("r/a")
+        release.set()
+    assert children == ["r/b"]
 
 
 @pytest.fixture
