@@ -661,27 +661,31 @@ class ObjectStore:
 
     async def first_object_with_prefix(self, prefix: str) -> ObjectInfo | None:
         """The lexicographically first object whose key starts with ``prefix``, if any."""
-        # Keys whose delete is pending are skipped: ask for enough to get past them.
-        wanted = 1 + len(self.deletes.pending_under(prefix))
+        # Keys whose delete is pending (now or when the LIST went out, as in ``list_children``) are
+        # skipped: ask for enough to get past them.
+        deleting = set(self.deletes.pending_under(prefix))
+        wanted = 1 + len(deleting)
 
         def fetch() -> list[ObjectInfo]:
             page = next(self._list_pages(prefix, max_keys=min(wanted, LIST_PAGE)))
             return [_info_from_listing(item) for item in page.get("Contents", ())]
 
         found = await self._call("ListObjectsV2", prefix, fetch)
-        return next((info for info in found if not self.deletes.is_pending(info.key)), None)
+        return next((info for info in found if info.key not in deleting and not self.deletes.is_pending(info.key)),
+                    None)
 
     async def keys_with_prefix(self, prefix: str, limit: int) -> list[str]:
         """Up to ``limit`` keys starting with ``prefix`` (no delimiter)."""
-        # Keys whose delete is pending are skipped: ask for enough to get past them.
-        wanted = limit + len(self.deletes.pending_under(prefix))
+        # Keys whose delete is pending (now or when the LIST went out) are skipped: ask for enough.
+        deleting = set(self.deletes.pending_under(prefix))
+        wanted = limit + len(deleting)
 
         def fetch() -> list[str]:
             page = next(self._list_pages(prefix, max_keys=min(wanted, LIST_PAGE)))
             return [item["Key"] for item in page.get("Contents", ())]
 
         keys = await self._call("ListObjectsV2", prefix, fetch)
-        return [key for key in keys if not self.deletes.is_pending(key)][:limit]
+        return [key for key in keys if key not in deleting and not self.deletes.is_pending(key)][:limit]
 
     async def probe(self, object_key: str) -> tuple[ObjectInfo | None, bool]:
         """Whether ``object_key`` exists as an object, and whether ``object_key/`` holds anything.

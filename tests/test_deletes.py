@@ -230,8 +230,9 @@ async def test_pending_keys_read_as_absent_and_a_write_cancels_their_delete(
 # ---------------------------------------------------------------------- through a mount
 
 
+@pytest.mark.parametrize("asking", ["list_children", "first_object_with_prefix", "keys_with_prefix"])
 async def test_a_delete_confirmed_while_a_listing_is_answered_does_not_bring_the_object_back(
-    endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey,
+    endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, asking: str,
 ) -> None:
     """The LIST is answered before the delete lands and the delete is confirmed before the LIST's answer is
     read: the object must still read as absent (it came back in a listing right after a remount, whose
@@ -253,7 +254,13 @@ async def test_a_delete_confirmed_while_a_listing_is_answered_does_not_bring_the
     children: list[str] = []
 
     async def list_r() -> None:
-        children.extend(info.key for info in (await store.list_children("r/")).objects)
+        if asking == "list_children":
+            children.extend(info.key for info in (await store.list_children("r/")).objects)
+        elif asking == "first_object_with_prefix":  # a lookup's probe of the name
+            first = await store.first_object_with_prefix("r/a")
+            children.extend(["r/a"] if first is not None else ["r/b"])  # r/b is not under "r/a"
+        else:
+            children.extend(await store.keys_with_prefix("r/", 5))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(list_r)
