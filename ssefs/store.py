@@ -640,14 +640,9 @@ class ObjectStore:
                     objects.append(_info_from_listing(item))
             return Listing(objects, prefixes)
 
-        # What is being deleted reads as absent; so does what was pending when the LIST went out: its
-        # delete may be confirmed while the LIST is answered, which still shows the object.
-        deleting = set(self.deletes.pending_under(prefix))
+        deleted = _DeletedKeys(self.deletes, prefix)
         listing = await self._call("ListObjectsV2", prefix, fetch)
-        if not self.deletes and not deleting:
-            return listing
-        return Listing([info for info in listing.objects
-                        if info.key not in deleting and not self.deletes.is_pending(info.key)], listing.prefixes)
+        return Listing([info for info in listing.objects if info.key not in deleted], listing.prefixes)
 
     async def list_tree(self, prefix: str) -> list[ObjectInfo]:
         """Every object whose key starts with ``prefix``, at any depth, markers included."""
@@ -655,37 +650,34 @@ class ObjectStore:
         def fetch() -> list[ObjectInfo]:
             return [_info_from_listing(item) for page in self._list_pages(prefix) for item in page.get("Contents", ())]
 
-        deleting = set(self.deletes.pending_under(prefix))  # as in ``list_children``
-        return [info for info in await self._call("ListObjectsV2", prefix, fetch)
-                if info.key not in deleting and not self.deletes.is_pending(info.key)]
+        deleted = _DeletedKeys(self.deletes, prefix)
+        return [info for info in await self._call("ListObjectsV2", prefix, fetch) if info.key not in deleted]
 
     async def first_object_with_prefix(self, prefix: str) -> ObjectInfo | None:
         """The lexicographically first object whose key starts with ``prefix``, if any."""
-        # Keys whose delete is pending (now or when the LIST went out, as in ``list_children``) are
-        # skipped: ask for enough to get past them.
-        deleting = set(self.deletes.pending_under(prefix))
-        wanted = 1 + len(deleting)
+        # Keys being deleted are skipped: ask for enough to get past them.
+        deleted = _DeletedKeys(self.deletes, prefix)
+        wanted = 1 + len(deleted)
 
         def fetch() -> list[ObjectInfo]:
             page = next(self._list_pages(prefix, max_keys=min(wanted, LIST_PAGE)))
             return [_info_from_listing(item) for item in page.get("Contents", ())]
 
         found = await self._call("ListObjectsV2", prefix, fetch)
-        return next((info for info in found if info.key not in deleting and not self.deletes.is_pending(info.key)),
-                    None)
+        return next((info for info in found if info.key not in deleted), None)
 
     async def keys_with_prefix(self, prefix: str, limit: int) -> list[str]:
         """Up to ``limit`` keys starting with ``prefix`` (no delimiter)."""
-        # Keys whose delete is pending (now or when the LIST went out) are skipped: ask for enough.
-        deleting = set(self.deletes.pending_under(prefix))
-        wanted = limit + len(deleting)
+        # Keys being deleted are skipped: ask for enough to get past them.
+        deleted = _DeletedKeys(self.deletes, prefix)
+        wanted = limit + len(deleted)
 
         def fetch() -> list[str]:
             page = next(self._list_pages(prefix, max_keys=min(wanted, LIST_PAGE)))
             return [item["Key"] for item in page.get("Contents", ())]
 
         keys = await self._call("ListObjectsV2", prefix, fetch)
-        return [key for key in keys if key not in deleting and not self.deletes.is_pending(key)][:limit]
+        return [key for key in keys if key not in deleted][:limit]
 
     async def probe(self, object_key: str) -> tuple[ObjectInfo | None, bool]:
         """Whether ``object_key`` exists as an object, and whether ``object_key/`` holds anything.
@@ -984,6 +976,21 @@ def parse_s3_time(text: str) -> datetime.datetime:
     return parsed
 
 
+class _DeletedKeys:
+    """The keys one LIST must not show under ``prefix``: those pending delete now, and those pending
+    when it went out (a delete confirmed while the LIST is answered still shows in its answer)."""
+
+    def __init__(self, deletes: DeleteQueue, prefix: str) -> None:
+        self._deletes = deletes
+        self._when_sent = set(deletes.pending_under(prefix))
+
+    def __len__(self) -> int:
+        return len(self._when_sent)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._when_sent or (isinstance(key, str) and self._deletes.is_pending(key))
+
+
 def _info_from_listing(item: dict[str, Any]) -> ObjectInfo:
     return ObjectInfo(
         key=item["Key"],
@@ -991,8 +998,6 @@ def _info_from_listing(item: dict[str, Any]) -> ObjectInfo:
         etag=str(item.get("ETag", "")).strip('"'),
         mtime=item["LastModified"].timestamp() if item.get("LastModified") else 0.0,
     )
-
-
 
 def _info_from_head(object_key: str, response: dict[str, Any]) -> ObjectInfo:
     return ObjectInfo(
