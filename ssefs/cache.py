@@ -33,6 +33,17 @@ or a power cut every closed or fsynced write is found again. Block files
 without a journal row (a crash between the two steps), or whose row now holds
 the block inline, are removed at start.
 
+Parked parts: a file written larger than the cache would otherwise fill it
+with changes that cannot leave before its upload completes. Its parts sent
+while it is written (streaming.py) are durable on the server already, as parts
+of a multipart upload that stays open, so under pressure ``park`` lets their
+blocks go: one commit records the parts' ETags, the upload's id and the
+entry's ``parked_bytes`` (everything below it lives in those parts), and the
+journal is fsynced before the block files are removed. Those bytes cannot be
+read back until the upload completes (S3 serves no part of an unfinished
+upload), so whoever needs them finishes the upload first. After a crash the
+next start resumes such an upload instead of aborting it.
+
 Size bound: clean blocks are evicted least-recently-used first. Writers call
 ``ensure_space`` *before* taking ``Entry.lock`` (the uploader that frees space
 needs that lock); storing a block under the lock only evicts, never waits, so
@@ -82,8 +93,10 @@ NONCE_BYTES = 12
 # Format 3 keeps small blocks in their journal row (INLINE_LIMIT). A format 2 cache is upgraded in
 # place (the column is added); an older ssefs refuses format 3, where it would take inline blocks
 # for missing files and drop them.
-FORMAT_VERSION = "3"
-UPGRADABLE_FORMATS = ("2",)
+# Format 4 may hold files whose first bytes were sent as parts of an open multipart upload and left
+# the cache (``park``): an older ssefs would read those bytes as zeros and upload them so.
+FORMAT_VERSION = "4"
+UPGRADABLE_FORMATS = ("2", "3")
 # Version 2 does not store a block's trailing zero bytes (a 4 KiB file costs a 4 KiB block file, not
 # 1 MiB: no sealing, writing and space for the padding); version 1 stored every block whole. Both
 # are read. An older ssefs refuses version 2 blocks rather than misread them.
@@ -117,7 +130,8 @@ CREATE TABLE IF NOT EXISTS entries (
     file_uid INTEGER,
     file_gid INTEGER,
     file_xattrs TEXT,
-    mtime_ns INTEGER
+    mtime_ns INTEGER,
+    parked_bytes INTEGER
 );
 CREATE TABLE IF NOT EXISTS pending_deletes (
     object_key TEXT PRIMARY KEY
@@ -125,7 +139,16 @@ CREATE TABLE IF NOT EXISTS pending_deletes (
 CREATE TABLE IF NOT EXISTS multipart_uploads (
     upload_id TEXT PRIMARY KEY,
     object_key TEXT NOT NULL,
-    started REAL NOT NULL
+    started REAL NOT NULL,
+    entry_id INTEGER,
+    part_size INTEGER,
+    completed_etag TEXT
+);
+CREATE TABLE IF NOT EXISTS parked_parts (
+    upload_id TEXT NOT NULL,
+    part_number INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    PRIMARY KEY (upload_id, part_number)
 );
 CREATE TABLE IF NOT EXISTS blocks (
     entry_id INTEGER NOT NULL,
@@ -231,6 +254,8 @@ class Entry:
     durable_row: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
     # The entry's row as last written: saving it unchanged again is skipped (each commit costs ~50 µs).
     saved_row: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
+    # The bytes below this were sent as parts of the entry's open multipart upload and left the cache.
+    parked_bytes: int = 0
 
     @property
     def attributes(self) -> FileAttributes:
@@ -250,6 +275,19 @@ class Entry:
     def unlinked(self) -> bool:
         """The file was unlinked while open: its data lives here until its last handle closes."""
         return self.object_key.startswith(UNLINKED_PREFIX)
+
+
+@dataclass
+class ParkedUpload:
+    """A multipart upload holding the first bytes of a file whose blocks left the cache (``park``)."""
+
+    entry: Entry
+    upload_id: str
+    part_size: int
+    # ETags of the parked parts, by part index (0-based).
+    etags: dict[int, str]
+    # Set when the upload was completed but the crash came before the entry was marked uploaded.
+    completed_etag: str | None
 
 
 @dataclass
@@ -302,6 +340,8 @@ class BlockCache:
         self._clean_lru: OrderedDict[tuple[int, int], None] = OrderedDict()
         self.used_bytes = 0
         self._space_freed = trio.Event()
+        # Writers waiting in ``ensure_space``: parts sent while they wait are parked at once.
+        self.waiting_for_space = 0
         # Block directories of dropped entries, waiting for ``remove_dropped_files``.
         self._doomed_directories: list[Path] = []
         self._reaper_wakeup = trio.Event()
@@ -314,9 +354,13 @@ class BlockCache:
         """Caches written before file attributes (or inline blocks) were kept get the columns (empty)."""
         present = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
         for column, kind in (("file_mode", "INTEGER"), ("file_uid", "INTEGER"), ("file_gid", "INTEGER"),
-                             ("file_xattrs", "TEXT"), ("mtime_ns", "INTEGER")):
+                             ("file_xattrs", "TEXT"), ("mtime_ns", "INTEGER"), ("parked_bytes", "INTEGER")):
             if column not in present:
                 self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(multipart_uploads)")}
+        for column, kind in (("entry_id", "INTEGER"), ("part_size", "INTEGER"), ("completed_etag", "TEXT")):
+            if column not in present:
+                self._db.execute(f"ALTER TABLE multipart_uploads ADD COLUMN {column} {kind}")
         if "data" not in {row[1] for row in self._db.execute("PRAGMA table_info(blocks)")}:
             self._db.execute("ALTER TABLE blocks ADD COLUMN data BLOB")
 
@@ -374,10 +418,10 @@ class BlockCache:
         for row in self._db.execute(
             "SELECT id, uid, object_key, base_key, base_etag, base_valid, size, "
             "COALESCE(mtime_ns, CAST(mtime * 1e9 AS INTEGER)), generation, "
-            "uploaded_generation, file_mode, file_uid, file_gid, file_xattrs FROM entries"
+            "uploaded_generation, file_mode, file_uid, file_gid, file_xattrs, COALESCE(parked_bytes, 0) FROM entries"
         ):
             entry = Entry(*row[:10])
-            entry.owner_mode, entry.owner_uid, entry.owner_gid, entry.sealed_xattrs = row[10:]
+            entry.owner_mode, entry.owner_uid, entry.owner_gid, entry.sealed_xattrs, entry.parked_bytes = row[10:]
             self._entries[entry.id] = entry
             self._by_key[entry.object_key] = entry
         for entry_id, index, stored_bytes, write_generation, inline in self._db.execute(
@@ -469,8 +513,8 @@ class BlockCache:
         # One statement, one commit: the whole row at once.
         cursor = self._db.execute(
             "INSERT INTO entries (base_key, base_etag, base_valid, size, mtime, mtime_ns, generation, "
-            "uploaded_generation, file_mode, file_uid, file_gid, file_xattrs, uid, object_key) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "uploaded_generation, file_mode, file_uid, file_gid, file_xattrs, parked_bytes, uid, object_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (*self._entry_row(entry)[:-1], uid, object_key),
         )
         assert cursor.lastrowid is not None
@@ -543,17 +587,69 @@ class BlockCache:
     def multipart_started(self, object_key: str, upload_id: str) -> None:
         """Record a started multipart upload (``store.UploadJournal``), so a crash cannot orphan it."""
         self._db.execute(
-            "INSERT OR REPLACE INTO multipart_uploads VALUES (?, ?, ?)", (upload_id, object_key, time.time())
+            "INSERT OR REPLACE INTO multipart_uploads (upload_id, object_key, started) VALUES (?, ?, ?)",
+            (upload_id, object_key, time.time()),
         )
 
-    def multipart_finished(self, upload_id: str) -> None:
-        self._db.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,))
+    def multipart_finished(self, upload_id: str, etag: str | None = None) -> None:
+        """The upload was aborted, or completed as the object with ``etag``.
+
+        A completed upload holding parked parts stays recorded, with its ETag,
+        until ``mark_uploaded`` (the same commit that empties ``parked_bytes``),
+        so a crash in between leaves the entry finishable, not stuck.
+        """
+        if etag is not None and self._db.execute(
+            "SELECT 1 FROM parked_parts WHERE upload_id = ? LIMIT 1", (upload_id,)
+        ).fetchone():
+            self._db.execute("UPDATE multipart_uploads SET completed_etag = ? WHERE upload_id = ?", (etag, upload_id))
+            return
+        with self._transaction():
+            self._db.execute("DELETE FROM parked_parts WHERE upload_id = ?", (upload_id,))
+            self._db.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,))
 
     def unfinished_multiparts(self) -> list[tuple[str, str, float]]:
         """(object key, upload id, time started) of multipart uploads started but never completed or aborted."""
         return [(key, upload_id, started) for upload_id, key, started in self._db.execute(
             "SELECT upload_id, object_key, started FROM multipart_uploads ORDER BY started"
         )]
+
+    def parked_uploads(self) -> list[ParkedUpload]:
+        """The uploads holding parked parts of live entries: to be resumed, never aborted."""
+        found = []
+        for upload_id, entry_id, part_size, completed_etag in self._db.execute(
+            "SELECT upload_id, entry_id, part_size, completed_etag FROM multipart_uploads WHERE entry_id IS NOT NULL"
+        ).fetchall():
+            entry = self._entries.get(entry_id)
+            if entry is None or not entry.parked_bytes or entry.unlinked:
+                continue
+            etags = {number - 1: etag for number, etag in self._db.execute(
+                "SELECT part_number, etag FROM parked_parts WHERE upload_id = ?", (upload_id,))}
+            found.append(ParkedUpload(entry, upload_id, part_size, etags, completed_etag))
+        return found
+
+    async def park(self, entry: Entry, upload_id: str, part_size: int, etags: dict[int, str]) -> None:
+        """The parts ``etags`` (by index, continuing the parked ones) are on the server: let their blocks go.
+
+        The journal records them and the new ``parked_bytes`` in one commit and
+        is fsynced before any block file is removed, so after a crash either the
+        blocks or the parts are found. The caller holds ``entry.lock``.
+        """
+        parked_bytes = (max(etags) + 1) * part_size
+        first_block, last_block = entry.parked_bytes // BLOCK_SIZE, parked_bytes // BLOCK_SIZE
+        doomed = [index for index in self._entry_blocks.get(entry.id, ()) if first_block <= index < last_block]
+        entry.parked_bytes = parked_bytes
+        with self._transaction():
+            self._db.execute("UPDATE multipart_uploads SET entry_id = ?, part_size = ? WHERE upload_id = ?",
+                             (entry.id, part_size, upload_id))
+            self._db.executemany("INSERT OR REPLACE INTO parked_parts VALUES (?, ?, ?)",
+                                 [(upload_id, index + 1, etag) for index, etag in etags.items()])
+            self._db.executemany("DELETE FROM blocks WHERE entry_id = ? AND block_index = ?",
+                                 [(entry.id, index) for index in doomed])
+            self._save_entry(entry)
+        await self.sync_journal()
+        for index in doomed:
+            self._forget_block(entry, index)
+        self._signal_space()
 
     # ------------------------------------------------------------------ deletes (``deletes.DeleteJournal``)
 
@@ -676,7 +772,7 @@ class BlockCache:
     def _entry_row(entry: Entry) -> tuple[Any, ...]:
         return (entry.base_key, entry.base_etag, entry.base_valid, entry.size, entry.mtime_ns / 1e9, entry.mtime_ns,
                 entry.generation, entry.uploaded_generation, entry.owner_mode, entry.owner_uid, entry.owner_gid,
-                entry.sealed_xattrs, entry.id)
+                entry.sealed_xattrs, entry.parked_bytes, entry.id)
 
     def _save_entry(self, entry: Entry, *, size_on_disk: int | None = None) -> None:
         """Commit the entry's row (no fsync: ``sync`` and ``sync_journal`` make commits durable).
@@ -693,8 +789,8 @@ class BlockCache:
             return
         self._db.execute(
             "UPDATE entries SET base_key = ?, base_etag = ?, base_valid = ?, size = ?, mtime = ?, mtime_ns = ?, "
-            "generation = ?, uploaded_generation = ?, file_mode = ?, file_uid = ?, file_gid = ?, file_xattrs = ? "
-            "WHERE id = ?",
+            "generation = ?, uploaded_generation = ?, file_mode = ?, file_uid = ?, file_gid = ?, file_xattrs = ?, "
+            "parked_bytes = ? WHERE id = ?",
             row,
         )
         entry.saved_row = row
@@ -711,7 +807,15 @@ class BlockCache:
         for index in self._entry_blocks.get(entry.id, ()):
             if self._blocks[(entry.id, index)].write_generation <= generation:
                 self._clean_lru[(entry.id, index)] = None
-        self._save_entry(entry)
+        if entry.parked_bytes:
+            entry.parked_bytes = 0
+            with self._transaction():  # the parked parts are the object's now: in one commit with the entry
+                self._db.execute("DELETE FROM parked_parts WHERE upload_id IN "
+                                 "(SELECT upload_id FROM multipart_uploads WHERE entry_id = ?)", (entry.id,))
+                self._db.execute("DELETE FROM multipart_uploads WHERE entry_id = ?", (entry.id,))
+                self._save_entry(entry)
+        else:
+            self._save_entry(entry)
         self._signal_space()
 
     def truncate(self, entry: Entry, size: int) -> None:
@@ -954,12 +1058,18 @@ class BlockCache:
         uploads (the write-back queue) so that space frees up.
         """
         self.evict_clean(needed)
-        while self.used_bytes + needed > self.max_size:
-            waiter = self._space_freed
-            await on_full()
-            self.evict_clean(needed)
-            if self.used_bytes + needed <= self.max_size:
-                return
-            with trio.move_on_after(1.0):
-                await waiter.wait()
-            self.evict_clean(needed)
+        if self.used_bytes + needed <= self.max_size:
+            return
+        self.waiting_for_space += 1
+        try:
+            while self.used_bytes + needed > self.max_size:
+                waiter = self._space_freed
+                await on_full()
+                self.evict_clean(needed)
+                if self.used_bytes + needed <= self.max_size:
+                    return
+                with trio.move_on_after(1.0):
+                    await waiter.wait()
+                self.evict_clean(needed)
+        finally:
+            self.waiting_for_space -= 1

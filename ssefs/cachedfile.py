@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from .cache import BLOCK_SIZE, BlockCache, Entry
+from .errors import SsefsError
 
 # (object key, offset, length) -> those bytes in pieces of BLOCK_SIZE (the last may be shorter).
 FetchBlocks = Callable[[str, int, int], Awaitable[list[bytes]]]
@@ -253,6 +254,9 @@ class CachedFile:
             if keep:
                 self._plaintext.put(self.entry.uid, index, generation, stored)
             return stored
+        if index * BLOCK_SIZE < self.entry.parked_bytes:
+            # Callers finish the upload first (vfs.py); these bytes are not zeros.
+            raise SsefsError(f"block {index} of {self.entry.object_key!r} is only in its unfinished upload")
         if index * BLOCK_SIZE >= self.entry.base_valid:
             return b""
         # Read-ahead is prefetch()'s job; a miss here fetches just this block.

@@ -331,7 +331,8 @@ def status(mountpoint: Path, as_json: bool) -> None:
         ("deletes pending", state.get("deletes_pending", 0)),
         ("uploaded", f"{state['uploaded_files']} file(s), {format_size(state['uploaded_bytes'])} since mount"),
         ("sent while written", f"{state.get('streams_active', 0)} file(s) now; {state.get('streams_started', 0)} "
-                               f"started, {state.get('streams_abandoned', 0)} abandoned since mount"),
+                               f"started, {state.get('streams_abandoned', 0)} abandoned since mount; "
+                               f"{format_size(state.get('streams_parked_bytes', 0))} parked"),
         ("last upload error", state["last_upload_error"] or "none"),
     ]
     if state.get("read_only"):

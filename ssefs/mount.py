@@ -287,6 +287,7 @@ class StatusReport:
             "streams_active": len(filesystem.streams),
             "streams_started": filesystem.streams.started,
             "streams_abandoned": filesystem.streams.abandoned,
+            "streams_parked_bytes": filesystem.streams.parked_bytes,
             "deletes_pending": len(filesystem.store.deletes),
             "deleted_files": filesystem.store.deletes.deleted,
             "last_delete_error": filesystem.store.deletes.last_error,

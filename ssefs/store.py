@@ -136,7 +136,8 @@ class UploadJournal(Protocol):
 
     def multipart_started(self, object_key: str, upload_id: str) -> None: ...
 
-    def multipart_finished(self, upload_id: str) -> None: ...
+    def multipart_finished(self, upload_id: str, etag: str | None = None) -> None:
+        """Aborted (``etag`` None) or completed as the object with ``etag``."""
 
 
 class MemoryKeyIndex:
@@ -866,9 +867,10 @@ class ObjectStore:
             ),
         )
         self._stored_under(object_key, self._key)
+        etag = str(response.get("ETag", "")).strip('"')
         if self.upload_journal is not None:
-            self.upload_journal.multipart_finished(upload_id)
-        return str(response.get("ETag", "")).strip('"')
+            self.upload_journal.multipart_finished(upload_id, etag)
+        return etag
 
     async def abort_multipart(self, object_key: str, upload_id: str) -> None:
         await self._call(

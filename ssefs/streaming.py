@@ -18,6 +18,14 @@ did before. Parts cut off by an unmount are simply left unsent: the uploader
 sends every part a stream lacks when it finishes it. A crash leaves the upload
 in the journal of unfinished multipart uploads (aborted at the next start) and
 the file dirty in the cache.
+
+A file larger than the cache: while the cache is nearly full, the parts sent
+are *parked* (``BlockCache.park``): their blocks leave the cache and the parts
+on the server are the only copy of those bytes. From then on the stream is
+never abandoned: a failed part is sent again, a change, read, rename or
+extended attribute that would need those bytes or abandon the stream finishes
+the upload first (``must_finish_before_change``, ``has_parked``; vfs.py), and a
+crash leaves the upload to be resumed by the next start (``resume``).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .cache import Entry
+from .cache import BlockCache, Entry, ParkedUpload
 from .cachedfile import CachedFile
 from .config import S3Settings
 from .errors import SsefsError
@@ -43,6 +51,13 @@ log = logging.getLogger(__name__)
 STREAM_AFTER_PARTS = 4
 # S3 allows at most 10,000 parts; a file that outgrows them uploads whole (with larger parts).
 MAX_STREAMED_PARTS = 10_000
+# Parts sent are parked as soon as they land once the cache is this full (or a writer waits for room):
+# below it, their blocks stay cached, so a file read back or rewritten right after it was written
+# need not finish its upload first.
+PARK_ABOVE = 0.9
+# A part of a stream with parked parts that failed is sent again after this long, doubling up to the cap.
+PART_RETRY_FIRST_SECONDS = 1.0
+PART_RETRY_MAX_SECONDS = 60.0
 
 
 @dataclass(eq=False)
@@ -61,6 +76,12 @@ class StreamedUpload:
     in_flight: int = 0
     abandoned: bool = False
     idle: trio.Event = field(default_factory=trio.Event)
+    # Parts whose blocks left the cache (parked): the upload now holds the only copy of their bytes.
+    parked: int = 0
+    # Resumed from an upload completed just before a crash: only its attributes are left to do.
+    completed_etag: str | None = None
+    # Set once the uploader takes the stream to finish it: parts being sent again stop (it sends them).
+    finishing: trio.Event = field(default_factory=trio.Event)
 
     @property
     def fixed_bytes(self) -> int:
@@ -70,9 +91,11 @@ class StreamedUpload:
 class StreamedUploads:
     """The streams of all files being written; see the module docstring."""
 
-    def __init__(self, store: ObjectStore, settings: S3Settings, cached_file: Callable[[Entry], CachedFile]) -> None:
+    def __init__(self, store: ObjectStore, settings: S3Settings, cache: BlockCache,
+                 cached_file: Callable[[Entry], CachedFile]) -> None:
         self.store = store
         self.settings = settings
+        self.cache = cache
         self._cached_file = cached_file
         self.enabled = settings.stream_uploads
         # Where parts are sent; set by the mount while it serves (no streaming without it).
@@ -87,6 +110,9 @@ class StreamedUploads:
         self._parts_at_once = trio.CapacityLimiter(settings.upload_concurrency)
         self.started = 0
         self.abandoned = 0
+        self.parked_bytes = 0
+        # A task parking the parts sent is on its way (one at a time is enough: it parks them all).
+        self._parking = False
 
     def __len__(self) -> int:
         """Files whose parts are being uploaded while they are written."""
@@ -94,10 +120,29 @@ class StreamedUploads:
 
     # ------------------------------------------------------------------ the writer's side
 
+    def must_finish_before_change(self, entry: Entry, offset: int, end: int = 0) -> bool:
+        """Whether a change of the bytes from ``offset`` (to ``end``) must wait for the upload to finish:
+        it would abandon a stream whose parked parts hold the only copy of the file's first bytes."""
+        stream = self._streams.get(entry.id)
+        if stream is None or not stream.parked:
+            return False
+        return offset < stream.fixed_bytes or end > MAX_STREAMED_PARTS * stream.part_size
+
+    def sending(self, entry: Entry) -> bool:
+        """Whether parts of the entry are being sent now."""
+        stream = self._streams.get(entry.id)
+        return stream is not None and stream.in_flight > 0
+
+    def has_parked(self, entry: Entry) -> bool:
+        stream = self._streams.get(entry.id)
+        return stream is not None and stream.parked > 0
+
     def before_change(self, entry: Entry, offset: int) -> None:
         """Bytes from ``offset`` on are about to change (a write, or a truncate to ``offset``)."""
         stream = self._streams.get(entry.id)
         if stream is not None and offset < stream.fixed_bytes:
+            if stream.parked:  # callers finish the upload first (must_finish_before_change)
+                raise SsefsError(f"{entry.object_key!r} changed behind the parts of its unfinished upload")
             self.abandon(entry, "a change behind the parts sent")
 
     def after_write(self, entry: Entry, end: int) -> None:
@@ -158,10 +203,13 @@ class StreamedUploads:
         if stream is None:
             self._detach(entry, "uploaded whole")  # an upload being created is aborted once it is there
             return None
+        stream.finishing.set()
         if stream.in_flight:
             await stream.idle.wait()
         problem = None
-        if stream.abandoned:
+        if stream.completed_etag is not None:
+            pass  # completed already: the entry cannot have changed since (it was not served)
+        elif stream.abandoned:
             problem = "a part failed"
         elif stream.object_key != entry.object_key:
             problem = "renamed"
@@ -169,6 +217,12 @@ class StreamedUploads:
             problem = "its size no longer fits the parts"
         elif entry.attributes.xattrs != stream.attributes.xattrs:
             problem = "its extended attributes changed"
+        if problem is not None and stream.parked:
+            # vfs.py finishes such an upload before anything that could make it wrong.
+            log.error("the upload of %r holding its first %d bytes cannot be finished (%s); retried later",
+                      stream.object_key, stream.parked * stream.part_size, problem)
+            stream.finishing = trio.Event()
+            raise SsefsError(f"cannot finish the upload of {stream.object_key!r}: {problem}")
         if problem is not None:
             # Aborted here, not in the background: at unmount the mount's nursery is gone.
             abandoned = self._detach(entry, problem)
@@ -178,6 +232,67 @@ class StreamedUploads:
         del self._streams[entry.id]
         self._declined.discard(entry.id)
         return stream
+
+    def put_back(self, entry: Entry, stream: StreamedUpload) -> None:
+        """A stream ``take`` handed out could not be finished; with parked parts it must be, later."""
+        if self.cache.is_live(entry) and entry.id not in self._streams:
+            stream.finishing = trio.Event()
+            self._streams[entry.id] = stream
+
+    def resume(self, parked: ParkedUpload) -> None:
+        """Take up again an upload whose parked parts an earlier run left (the uploader finishes it)."""
+        entry = parked.entry
+        count = entry.parked_bytes // parked.part_size
+        missing = [index + 1 for index in range(count) if index not in parked.etags]
+        if missing:
+            log.error("the journal lacks parts %s of the unfinished upload of %r; it cannot be finished",
+                      missing[:10], entry.object_key)
+        stream = StreamedUpload(entry.object_key, parked.upload_id, parked.part_size, entry.attributes,
+                                etags=dict(parked.etags), claimed=count, parked=count,
+                                completed_etag=parked.completed_etag)
+        stream.idle.set()
+        self._streams[entry.id] = stream
+        log.info("resuming the upload of %r, whose first %d bytes an earlier run sent and left only there",
+                 entry.object_key, entry.parked_bytes)
+
+    # ------------------------------------------------------------------ parking (cache pressure)
+
+    def _pressed(self) -> bool:
+        return bool(self.cache.waiting_for_space) or self.cache.used_bytes > self.cache.max_size * PARK_ABOVE
+
+    async def park_sent_parts(self) -> int:
+        """Let the blocks of every part sent leave the cache (see the module docstring); returns the bytes parked."""
+        parked = 0
+        for entry_id, stream in list(self._streams.items()):
+            parked += await self._park(entry_id, stream)
+        return parked
+
+    async def _park_in_background(self) -> None:
+        try:
+            while self._pressed() and await self.park_sent_parts():
+                pass
+        finally:
+            self._parking = False
+
+    async def _park(self, entry_id: int, stream: StreamedUpload) -> int:
+        entry = self.cache.entry_by_id(entry_id)
+        if entry is None:
+            return 0
+        async with entry.lock:
+            if self._streams.get(entry_id) is not stream or not self.cache.is_live(entry) or stream.completed_etag:
+                return 0
+            first = upto = stream.parked
+            while upto in stream.etags:
+                upto += 1
+            if upto == first:
+                return 0
+            # Set before the journal says so: from here on nothing may abandon (abort) this upload.
+            stream.parked = upto
+            await self.cache.park(entry, stream.upload_id, stream.part_size,
+                                  {index: stream.etags[index] for index in range(first, upto)})
+        parked = (upto - first) * stream.part_size
+        self.parked_bytes += parked
+        return parked
 
     # ------------------------------------------------------------------ inside
 
@@ -229,14 +344,33 @@ class StreamedUploads:
     async def _send(self, entry: Entry, stream: StreamedUpload, index: int) -> None:
         # Cancelled (the mount is stopping), the part is just left unsent: the uploader sends every
         # part the stream lacks when it finishes it (at unmount too), so nothing is aborted or wasted.
+        retry_in = PART_RETRY_FIRST_SECONDS
+        try:
+            while not await self._send_once(entry, stream, index):
+                # Its parked parts cannot be given up: send this one again (the file is still being written).
+                with trio.move_on_after(retry_in):
+                    await stream.finishing.wait()
+                retry_in = min(PART_RETRY_MAX_SECONDS, retry_in * 2)
+                if self._streams.get(entry.id) is not stream or stream.finishing.is_set():
+                    return  # taken by the uploader, which sends what is missing
+        finally:
+            stream.in_flight -= 1
+            if not stream.in_flight:
+                stream.idle.set()
+        if index in stream.etags and self._pressed() and not self._parking and self.nursery is not None:
+            self._parking = True
+            self.nursery.start_soon(self._park_in_background)
+
+    async def _send_once(self, entry: Entry, stream: StreamedUpload, index: int) -> bool:
+        """Send one part; False if it failed and must be sent again."""
         try:
             async with self._parts_at_once:
                 if stream.abandoned:
-                    return
+                    return True
                 offset = index * stream.part_size
                 data = await self._cached_file(entry).read(offset, stream.part_size, keep=False)
                 if stream.abandoned:
-                    return
+                    return True
                 if len(data) != stream.part_size:
                     raise SsefsError(f"part {index + 1} of {stream.object_key!r} read short ({len(data)} bytes)")
                 stream.etags[index] = await self.store.upload_part(stream.object_key, stream.upload_id, index + 1,
@@ -244,12 +378,14 @@ class StreamedUploads:
         except (SsefsError, OSError) as error:
             log.debug("part %d of %r could not be sent while the file is written: %s", index + 1,
                       stream.object_key, error)
-            if self._streams.get(entry.id) is stream:
-                self.abandon(entry, "a part failed")
-        finally:
-            stream.in_flight -= 1
-            if not stream.in_flight:
-                stream.idle.set()
+            if self._streams.get(entry.id) is not stream:
+                return True
+            if stream.parked:
+                log.warning("part %d of %r could not be sent (%s); sending it again", index + 1,
+                            stream.object_key, error)
+                return False
+            self.abandon(entry, "a part failed")
+        return True
 
     async def _abort(self, stream: StreamedUpload) -> None:
         if stream.in_flight:

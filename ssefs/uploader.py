@@ -6,8 +6,10 @@ no open writers and ``writeback_delay`` seconds passed since its last change
 ``fsync`` and rename upload at once. At most ``MAX_FILES_IN_FLIGHT`` files
 upload together. A failed upload is retried with capped exponential backoff
 (1 s doubling to 5 min) and never dropped: the data stays in the cache, also
-across restarts. When the cache is full of dirty data, ``make_room`` makes every
-dirty entry due at once, open ones included, so writers waiting for space move on.
+across restarts. When the cache is full of dirty data, ``make_room`` first parks
+the parts that files being written have sent (streaming.py), and if that frees
+nothing makes every dirty entry due at once, open ones included (except those
+whose parts in flight will free room), so writers waiting for space move on.
 
 ``upload_object`` decides how one object's bytes travel: up to
 ``multipart_threshold`` one PutObject; above it a multipart upload whose parts
@@ -143,10 +145,14 @@ async def abort_unfinished_uploads(store: ObjectStore, cache: BlockCache) -> Non
     """Abort the multipart uploads an earlier run started and never finished (it was killed).
 
     Their parts are invisible but stored (and billed) until aborted. Only
-    uploads this cache recorded are touched, never another client's.
+    uploads this cache recorded are touched, never another client's, and never
+    one holding parked parts of a file (``cache.parked_uploads``): it is resumed.
     """
     aborted = 0
+    resumed = {parked.upload_id for parked in cache.parked_uploads()}
     for object_key, upload_id, started in cache.unfinished_multiparts():
+        if upload_id in resumed:
+            continue
         if upload_id.startswith(PENDING_CREATE_PREFIX):
             # Killed while a CreateMultipartUpload had no answer: whatever it created is a stray.
             if await store.abort_stray_uploads(object_key, started, started, keep=None):
@@ -240,12 +246,18 @@ class WriteBack:
         self._failures.pop(entry.id, None)
 
     async def make_room(self) -> None:
-        """The cache is full of dirty data: upload everything dirty now."""
+        """The cache is full of dirty data: park the parts sent while files are written, else upload
+        everything dirty now."""
+        if self.streams is not None and await self.streams.park_sent_parts():
+            return
         for entry in self.cache.dirty_entries():
             # Entries in retry backoff keep their schedule: hammering a server that
             # is down would not free space any sooner.
-            if entry.id not in self._in_flight and entry.id not in self._failures:
-                self._due[entry.id] = trio.current_time()
+            if entry.id in self._in_flight or entry.id in self._failures:
+                continue
+            if self.streams is not None and entry.open_writers and self.streams.sending(entry):
+                continue  # its parts in flight make room as they land (they are parked then)
+            self._due[entry.id] = trio.current_time()
         self._wakeup.set()
         await trio.lowlevel.checkpoint()
 
@@ -346,10 +358,24 @@ class WriteBack:
         # The tail, and any part the stream did not get to send (cut off by an unmount).
         missing = [index for index, etag in enumerate(etags) if not etag]
         try:
-            await send_parts(self.store, self.settings, stream.object_key, stream.upload_id,
-                             missing, stream.part_size, size, read, etags)
-            etag = await self.store.complete_multipart(stream.object_key, stream.upload_id, etags)
-        except BaseException:
+            if stream.completed_etag is not None:
+                etag = stream.completed_etag  # completed before a crash: only its attributes are left
+            else:
+                await send_parts(self.store, self.settings, stream.object_key, stream.upload_id,
+                                 missing, stream.part_size, size, read, etags)
+                etag = await self.store.complete_multipart(stream.object_key, stream.upload_id, etags)
+        except BaseException as error:
+            if stream.parked:
+                # Its first bytes are only in its parts: never aborted; the retry (or next start) finishes it.
+                assert self.streams is not None  # the stream came from it
+                self.streams.put_back(entry, stream)
+                if isinstance(error, NoSuchObject):
+                    raise SsefsError(
+                        f"the multipart upload {stream.upload_id} holding the first {entry.parked_bytes} bytes of "
+                        f"{stream.object_key!r} is gone from the server (aborted by a lifecycle rule or another "
+                        "client?); those bytes exist nowhere else, so the file cannot be uploaded"
+                    ) from None
+                raise
             with trio.CancelScope(shield=True):
                 try:
                     await self.store.abort_multipart(stream.object_key, stream.upload_id)

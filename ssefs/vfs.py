@@ -113,7 +113,7 @@ class Filesystem:
         self.inodes = InodeTable(ttl=config.mount.attr_timeout)
         self.metadata = MetadataIndex(cache.directory)
         self.directory_attributes = DirectoryAttributes(store)
-        self.streams = StreamedUploads(store, config.s3, self.cached_file)
+        self.streams = StreamedUploads(store, config.s3, cache, self.cached_file)
         self.writeback = WriteBack(
             cache, store, config.s3, delay=config.cache.writeback_delay, cached_file=self.cached_file,
             on_uploaded=self._uploaded, on_upload_start=lambda entry: self.metadata.forget_now(entry.object_key),
@@ -154,6 +154,8 @@ class Filesystem:
                 len(dirty), sum(entry.size for entry in dirty),
                 ", ".join(repr(entry.object_key) for entry in dirty[:10]) + (" ..." if len(dirty) > 10 else ""),
             )
+        for parked in self.cache.parked_uploads():
+            self.streams.resume(parked)
         for entry in dirty:
             self.writeback.schedule(entry, delay=0)
 
@@ -648,6 +650,8 @@ class Filesystem:
             return
         object_key = self.object_key(node.path)
         entry = self.cache.entry(object_key)
+        if entry is not None and wanted.xattrs != current.xattrs and self.streams.has_parked(entry):
+            await self._finish_parked_upload(entry)  # its extended attributes were fixed when it was created
         if entry is not None and (entry.dirty or not node.etag):
             async with entry.lock:
                 self.cache.change_attributes(entry, wanted)
@@ -719,6 +723,8 @@ class Filesystem:
 
     async def _truncate_entry(self, node: Node, entry: Entry, size: int, *, seal: bool = False) -> None:
         """Truncate under the entry lock; ``seal`` makes it durable at once (no handle will close it)."""
+        if self.streams.must_finish_before_change(entry, size):
+            await self._finish_parked_upload(entry)
         await self.cache.ensure_space(2 * BLOCK_SIZE, self.writeback.make_room)
         async with entry.lock:
             cached_file = self.cached_file(entry)
@@ -737,6 +743,8 @@ class Filesystem:
             if node.size == 0 and not node.etag:
                 return b""
             entry = self._entry_for(node)
+        if offset < entry.parked_bytes:
+            await self._finish_parked_upload(entry)
         blocks_ahead = handle.reader.blocks_ahead(offset, size)
         cached_file = self.cached_file(entry)
         if blocks_ahead > 1 and self.background is not None:
@@ -748,6 +756,8 @@ class Filesystem:
         entry = handle.entry
         if entry is None:
             raise FsError(errno.EBADF)
+        if self.streams.must_finish_before_change(entry, offset, offset + len(data)):
+            await self._finish_parked_upload(entry)
         # Wait for room (backpressure) before taking the lock an upload needs.
         await self.cache.ensure_space(len(data) + 2 * BLOCK_SIZE, self.writeback.make_room)
         async with entry.lock:
@@ -757,6 +767,13 @@ class Filesystem:
         node = handle.open_file.node
         node.size, node.mtime_ns, node.has_local_data = entry.size, entry.mtime_ns, True
         return written
+
+    async def _finish_parked_upload(self, entry: Entry) -> None:
+        """Complete the upload holding the entry's parked parts (S3 serves no bytes of an unfinished
+        upload, and abandoning it would lose them): from then on the file is based on that object."""
+        log.debug("finishing the upload of %r first: its first %d bytes are only in its parts", entry.object_key,
+                  entry.parked_bytes)
+        await self.writeback.upload(entry)
 
     async def flush(self, fh: int) -> None:
         """close(): make this file's changes durable in the cache (not yet in S3)."""
@@ -917,6 +934,8 @@ class Filesystem:
             # Still open: its handles keep reading and writing the data, which must
             # first all be local (the object goes now) and is never uploaded again.
             entry = self.cache.entry(object_key) or self._entry_for(node)
+            if entry.parked_bytes:
+                await self._finish_parked_upload(entry)  # every byte must be local: those are only in S3
             await self.cache.ensure_space(entry.size + 2 * BLOCK_SIZE, self.writeback.make_room)
             async with entry.lock:
                 self.writeback.forget(entry)
@@ -964,9 +983,11 @@ class Filesystem:
         old_key, new_key = self.object_key(node.path), self.object_key(target_path)
         entry = self.cache.entry(old_key)
         renamed_in_cache = False
-        if entry is not None and entry.dirty and not entry.open_writers and self.streams.streaming(entry):
+        if entry is not None and entry.dirty and self.streams.streaming(entry) and (
+                not entry.open_writers or self.streams.has_parked(entry)):
             # Written and closed while its parts were being sent (rsync's temporary file): finishing
             # that upload and copying it server-side beats abandoning the parts and sending them again.
+            # Still open, but with parts parked: those bytes are only in the upload, which must finish.
             await self.writeback.upload(entry)
         if entry is not None and entry.dirty:
             # Upload under the new name (unchanged ranges still come from the old

@@ -1350,6 +1350,10 @@ async def test_a_format_2_cache_is_upgraded_in_place_and_older_formats_are_refus
     cache.close()
     with contextlib.closing(sqlite3.connect(cache_dir / "journal.sqlite")) as db:
         db.execute("ALTER TABLE blocks DROP COLUMN data")
+        db.execute("ALTER TABLE entries DROP COLUMN parked_bytes")
+        for column in ("entry_id", "part_size", "completed_etag"):
+            db.execute(f"ALTER TABLE multipart_uploads DROP COLUMN {column}")
+        db.execute("DROP TABLE parked_parts")
         db.execute("UPDATE meta SET value = '2' WHERE name = 'format'")
         db.commit()
     upgraded = make_cache(cache_dir, inline_limit=INLINE_LIMIT)
@@ -1358,7 +1362,8 @@ async def test_a_format_2_cache_is_upgraded_in_place_and_older_formats_are_refus
     assert await upgraded.read_block(again, 0) == b"written by the previous version"
     await upgraded.write_block(again, 1, b"small, now inline", dirty=True)
     assert inline_data(upgraded, again, 1) is not None
-    assert upgraded._db.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()[0] == "3"
+    assert upgraded._db.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()[0] == "4"
+    assert upgraded.parked_uploads() == [] and again.parked_bytes == 0
     upgraded.close()
     with contextlib.closing(sqlite3.connect(cache_dir / "journal.sqlite")) as db:
         db.execute("UPDATE meta SET value = '1' WHERE name = 'format'")
@@ -1412,3 +1417,69 @@ async def test_dropped_clean_entries_leave_the_journal_in_batches_dirty_ones_at_
     reopened = make_cache(cache_dir)
     assert [entry.object_key for entry in reopened.entries()] == ["a"]
     reopened.close()
+
+
+async def test_parked_parts_leave_the_cache_and_come_back_from_the_journal_until_the_upload_is_marked(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parking records the parts and lets their blocks go only after an fsync of the journal; a restart
+    finds the upload to resume (never to abort); a completion survives in the journal with its ETag until
+    the entry is marked uploaded, in the same commit that forgets the parts; an abort forgets them at once."""
+    part = 2 * BLOCK_SIZE
+    cache = make_cache(cache_dir)
+    entry = new_entry(cache, OBJECT)
+    for index in range(5):
+        await cache.write_block(entry, index, bytes([index + 1]) * BLOCK_SIZE, dirty=True)
+    cache.record_change(entry, size=5 * BLOCK_SIZE)
+    await cache.sync(entry)
+    cache.multipart_started(OBJECT, "upload-1")
+    fsyncs = count_fsyncs(monkeypatch)
+    removed_before_fsync: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync_noting_files(fd: int) -> None:
+        removed_before_fsync.append(not block_file(cache, entry, 0).exists())
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_noting_files)
+    await cache.park(entry, "upload-1", part, {0: "etag-1", 1: "etag-2"})
+    assert fsyncs and removed_before_fsync == [False]  # the journal was durable before the first file went
+    assert entry.parked_bytes == 2 * part and entry.dirty
+    assert sorted(index for index in range(5) if cache.has_block(entry, index)) == [4]
+    assert not block_file(cache, entry, 0).exists() and block_file(cache, entry, 4).exists()
+    assert cache.used_bytes == sealed_size(BLOCK_SIZE)
+    cache.close()
+
+    cache = make_cache(cache_dir)
+    again = cache.entry(OBJECT)
+    assert again is not None and again.parked_bytes == 2 * part
+    [parked] = cache.parked_uploads()
+    assert (parked.entry, parked.upload_id, parked.part_size, parked.etags, parked.completed_etag) == (
+        again, "upload-1", part, {0: "etag-1", 1: "etag-2"}, None)
+    # Completed (store.complete_multipart), then a crash before the entry was marked uploaded.
+    cache.multipart_finished("upload-1", "final-etag")
+    cache.close()
+    cache = make_cache(cache_dir)
+    again = cache.entry(OBJECT)
+    assert again is not None
+    [parked] = cache.parked_uploads()
+    assert parked.completed_etag == "final-etag"
+    cache.mark_uploaded(again, again.generation, etag="final-etag", size=again.size)
+    assert again.parked_bytes == 0 and cache.parked_uploads() == [] and cache.unfinished_multiparts() == []
+    assert cache._db.execute("SELECT COUNT(*) FROM parked_parts").fetchone()[0] == 0
+    cache.close()
+    cache = make_cache(cache_dir)
+    again = cache.entry(OBJECT)
+    assert again is not None and again.parked_bytes == 0 and not again.dirty
+    # An aborted upload (the file was deleted) forgets its parked parts with it.
+    cache.multipart_started("other.bin", "upload-2")
+    other = new_entry(cache, "other.bin")
+    await cache.write_block(other, 0, b"x" * BLOCK_SIZE, dirty=True)
+    await cache.park(other, "upload-2", BLOCK_SIZE, {0: "etag-a"})
+    cache.drop_entry(other)
+    assert cache.parked_uploads() == []  # its entry is gone: nothing to resume, so the start aborts it
+    assert [upload_id for _key, upload_id, _started in cache.unfinished_multiparts()] == ["upload-2"]
+    cache.multipart_finished("upload-2")
+    assert cache.unfinished_multiparts() == []
+    assert cache._db.execute("SELECT COUNT(*) FROM parked_parts").fetchone()[0] == 0
+    cache.close()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -260,7 +261,7 @@ def test_abandoning_remembers_only_files_still_open_for_writing() -> None:
     """A stream abandoned while its writer goes on is not restarted until the last close; a deleted file
     (no writer) leaves nothing behind, so a mount deleting millions of files does not grow."""
     streams = StreamedUploads(store=None, settings=S3Settings(endpoint="https://s3.example", bucket="b"),  # type: ignore[arg-type]
-                              cached_file=lambda entry: None)  # type: ignore[arg-type,return-value]
+                              cache=None, cached_file=lambda entry: None)  # type: ignore[arg-type,return-value]
     streams.nursery = object()  # type: ignore[assignment]  # serving: may start streams
     size = STREAM_AFTER_PARTS * streams.settings.part_size
     open_file = Entry(1, b"u1", "open.bin", None, "", 0, size, 0, open_writers=1)
@@ -374,7 +375,8 @@ async def test_what_happens_to_a_file_while_its_upload_is_being_created(meanwhil
     over); one deleted or uploaded whole meanwhile gets its new upload aborted."""
     store = SlowToCreateStore()
     settings = S3Settings(endpoint="https://s3.example", bucket="b", part_size=5 * MiB)
-    streams = StreamedUploads(store, settings, lambda entry: ZerosFile())  # type: ignore[arg-type,return-value]
+    roomy_cache = SimpleNamespace(waiting_for_space=0, used_bytes=0, max_size=1 << 40)
+    streams = StreamedUploads(store, settings, roomy_cache, lambda entry: ZerosFile())  # type: ignore[arg-type,return-value]
     size = (STREAM_AFTER_PARTS + 2) * settings.part_size
     entry = Entry(1, b"u1", "file.bin", None, "", 0, size, 0, generation=1, open_writers=1)
     async with trio.open_nursery() as nursery:
