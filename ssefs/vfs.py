@@ -1011,7 +1011,15 @@ class Filesystem:
             attributes = self.inodes.attributes_of(node)
             source = ObjectInfo(old_key, node.size, node.etag, node.mtime_ns / 1e9)
             etag = await copy_object(self.store, self.config.s3, source, new_key, to_metadata(attributes))
-            await self._discard_entry(old_key)
+            if entry is not None and entry.open_writers and self.cache.is_live(entry):
+                # Still open for writing (a log renamed under its writer): the entry follows the name, now
+                # based on the copy, so what the writer adds is uploaded there.
+                async with entry.lock:
+                    self.cache.rename_entry(entry, new_key)
+                    entry.base_key, entry.base_etag = new_key, etag
+                    self.cache.save(entry)
+            else:
+                await self._discard_entry(old_key)
             self.metadata.put(new_key, etag, attributes)
             node.etag = etag
             self.inodes.move(node, target_path)

@@ -150,3 +150,23 @@ def test_killed_with_parts_parked_the_next_start_resumes_the_upload(
     assert "resuming the upload of 'resumed.bin'" in again.log()
     assert upload["UploadId"] not in again.log()  # never named as aborted (nor anywhere else)
     assert (again.mountpoint / "resumed.bin").read_bytes() == data
+
+
+def test_renamed_while_open_with_parts_parked_the_writer_goes_on_under_the_new_name(
+    small_cache_config: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes,
+) -> None:
+    mount = mount_ssefs(small_cache_config)
+    data = pattern(2 * CACHE, seed=13)
+    more = pattern(8 * MiB, seed=17)
+    with open(mount.mountpoint / "before.bin", "wb") as writer:
+        writer.write(data)
+        writer.flush()
+        wait_for(lambda: parked_bytes(mount) > 0, "parts parked")
+        os.rename(mount.mountpoint / "before.bin", mount.mountpoint / "after.bin")
+        writer.write(more)
+    fsync_path(mount.mountpoint / "after.bin")
+    assert server_bytes(s3, bucket, "after.bin", key_bytes) == data + more
+    assert not (mount.mountpoint / "before.bin").exists()
+    assert (mount.mountpoint / "after.bin").read_bytes() == data + more
+    assert uploads_in_progress(s3, bucket, "before.bin") == uploads_in_progress(s3, bucket, "after.bin") == []
+

@@ -163,3 +163,29 @@ def test_symlinks_in_s3fs_form_and_hard_links_refused(
     assert os.readlink(fresh / "moved-link") == "real.txt"
     os.unlink(fresh / "moved-link")
     assert (fresh / "real.txt").read_bytes() == b"the real file"
+
+
+@pytest.mark.parametrize("uploaded_first", [True, False])
+def test_a_file_renamed_under_its_writer_keeps_what_is_written_after(
+    uploaded_first: bool, tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path,
+    mount_ssefs: Callable[..., Mount], s3: Any, key_bytes: bytes,
+) -> None:
+    """A log renamed by logrotate while its writer goes on: the writes after the rename land under the new
+    name (they used to go to a dropped cache entry, and close failed with ENOENT)."""
+    root = mount_ssefs(write_config(tmp_path, endpoint, bucket, key_file)).mountpoint
+    with open(root / "app.log", "wb") as writer:
+        writer.write(b"before the rename\n")
+        writer.flush()
+        if uploaded_first:
+            os.fsync(writer.fileno())  # clean in the cache: the rename copies the object on the server
+        os.rename(root / "app.log", root / "app.log.1")
+        writer.write(b"after the rename\n")
+    fd = os.open(root / "app.log.1", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    stored = s3.get_object(Bucket=bucket, Key="app.log.1", **sse_params(key_bytes))["Body"].read()
+    assert stored == b"before the rename\nafter the rename\n"
+    assert (root / "app.log.1").read_bytes() == stored
+    assert not (root / "app.log").exists()
