@@ -934,6 +934,12 @@ class Filesystem:
             # Still open: its handles keep reading and writing the data, which must
             # first all be local (the object goes now) and is never uploaded again.
             entry = self.cache.entry(object_key) or self._entry_for(node)
+            if entry.size + 2 * BLOCK_SIZE > self.cache.max_size:
+                # It could never all be local: waiting for room would wait forever.
+                log.warning("cannot delete %r while it is open: its %d bytes do not fit in the cache (max_size %d); "
+                            "close it first, or give the cache more room", object_key, entry.size,
+                            self.cache.max_size)
+                raise FsError(errno.EBUSY, "an open file larger than the cache cannot be deleted")
             if entry.parked_bytes:
                 await self._finish_parked_upload(entry)  # every byte must be local: those are only in S3
             await self.cache.ensure_space(entry.size + 2 * BLOCK_SIZE, self.writeback.make_room)
@@ -1044,6 +1050,11 @@ class Filesystem:
             left = [key for key in await self.store.keys_with_prefix(new_prefix, 2) if key != new_prefix]
             if left or self._has_unuploaded_under(new_prefix):
                 raise FsError(errno.ENOTEMPTY)
+        for entry in self.cache.dirty_entries():
+            if entry.object_key.startswith(old_prefix) and self.streams.has_parked(entry):
+                # Its first bytes are only in its unfinished upload, under the old name: complete it, then
+                # it is copied like any other object.
+                await self._finish_parked_upload(entry)
         objects = await self.store.list_tree(old_prefix)
         dirty = {
             entry.object_key: entry for entry in self.cache.entries()

@@ -3,6 +3,7 @@ mount, real SeaweedFS, a 64 MiB cache and files several times its size."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -170,3 +171,63 @@ def test_renamed_while_open_with_parts_parked_the_writer_goes_on_under_the_new_n
     assert (mount.mountpoint / "after.bin").read_bytes() == data + more
     assert uploads_in_progress(s3, bucket, "before.bin") == uploads_in_progress(s3, bucket, "after.bin") == []
 
+
+
+def test_a_directory_renamed_with_a_file_whose_parts_are_parked(
+    small_cache_config: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes,
+) -> None:
+    mount = mount_ssefs(small_cache_config)
+    (mount.mountpoint / "old").mkdir()
+    data = pattern(2 * CACHE, seed=19)
+    with open(mount.mountpoint / "old" / "big.bin", "wb") as writer:
+        writer.write(data)
+        writer.flush()
+        wait_for(lambda: parked_bytes(mount) > 0, "parts parked")
+    os.rename(mount.mountpoint / "old", mount.mountpoint / "new")
+    fsync_path(mount.mountpoint / "new" / "big.bin")
+    assert server_bytes(s3, bucket, "new/big.bin", key_bytes) == data
+    assert (mount.mountpoint / "new" / "big.bin").read_bytes() == data
+    assert not (mount.mountpoint / "old").exists()
+    assert uploads_in_progress(s3, bucket, "old/big.bin") == uploads_in_progress(s3, bucket, "new/big.bin") == []
+
+
+def test_extended_attributes_set_on_a_file_whose_parts_are_parked(
+    small_cache_config: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes,
+) -> None:
+    mount = mount_ssefs(small_cache_config)
+    path = mount.mountpoint / "tagged.bin"
+    data = pattern(2 * CACHE, seed=23)
+    with open(path, "wb") as writer:
+        writer.write(data)
+        writer.flush()
+        wait_for(lambda: parked_bytes(mount) > 0, "parts parked")
+    # Fixed in the upload's metadata when it was created: the upload completes first, then they are set.
+    os.setxattr(path, "user.origin", b"backup-host")
+    fsync_path(path)
+    assert server_bytes(s3, bucket, "tagged.bin", key_bytes) == data
+    assert os.getxattr(path, "user.origin") == b"backup-host"
+    assert uploads_in_progress(s3, bucket, "tagged.bin") == []
+
+
+def test_an_open_file_larger_than_the_cache_cannot_be_deleted_until_closed(
+    small_cache_config: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes,
+) -> None:
+    """Deleting an open file makes all of it local first (its handles keep working after the object is
+    gone): one larger than the cache gets EBUSY at once, where it used to wait for room forever."""
+    mount = mount_ssefs(small_cache_config)
+    path = mount.mountpoint / "scratch.bin"
+    data = pattern(2 * CACHE, seed=29)
+    with open(path, "w+b", buffering=0) as file:
+        file.write(data)
+        wait_for(lambda: parked_bytes(mount) > 0, "parts parked")
+        with pytest.raises(OSError) as refused:
+            os.unlink(path)
+        assert refused.value.errno == errno.EBUSY
+        assert os.pread(file.fileno(), 2 * MiB, 0) == data[:2 * MiB]
+        assert os.pread(file.fileno(), MiB, len(data) - MiB) == data[-MiB:]
+    assert "do not fit in the cache" in mount.log()
+    assert server_bytes(s3, bucket, "scratch.bin", key_bytes) == data  # the read completed the upload
+    os.unlink(path)
+    assert not path.exists()
+    wait_for(lambda: "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="scratch.bin"), "the object deleted")
+    assert uploads_in_progress(s3, bucket, "scratch.bin") == []
