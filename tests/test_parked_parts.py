@@ -3,9 +3,11 @@ mount, real SeaweedFS, a 64 MiB cache and files several times its size."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -15,10 +17,11 @@ from typing import Any
 
 import pytest
 
+from ssefs.metadata import FileAttributes, attributes_tag
 from ssefs.seaweed import SeaweedEndpoint
 
-from .conftest import Mount, server_bytes, write_config
-from .test_stream_upload import fsync_path, pattern, status_of, uploads_in_progress, wait_for
+from .conftest import Mount, server_bytes, sse_params, write_config
+from .test_stream_upload import fsync_path, pattern, status_of, tag_of, uploads_in_progress, wait_for
 
 MountFactory = Callable[..., Mount]
 MiB = 1024 * 1024
@@ -231,3 +234,49 @@ def test_an_open_file_larger_than_the_cache_cannot_be_deleted_until_closed(
     assert not path.exists()
     wait_for(lambda: "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="scratch.bin"), "the object deleted")
     assert uploads_in_progress(s3, bucket, "scratch.bin") == []
+
+
+def test_killed_after_completing_before_marking_uploaded_the_next_start_only_finishes_the_bookkeeping(
+    small_cache_config: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes,
+) -> None:
+    """The window between CompleteMultipartUpload and the commit that marks the file uploaded: the journal
+    keeps the upload with its ETag (cache.multipart_finished), and the next start marks the file uploaded
+    with it and sets its attributes, sending no part again. The window is made by hand: the daemon is
+    killed with parts parked, and the rest of the upload is done here as the daemon would have done it."""
+    mount = mount_ssefs(small_cache_config)
+    data = pattern(2 * CACHE, seed=31)
+    with open(mount.mountpoint / "window.bin", "wb") as writer:
+        writer.write(data)
+        writer.flush()
+        wait_for(lambda: parked_bytes(mount) > 0, "parts parked")
+    mount.process.send_signal(signal.SIGKILL)
+    mount.process.wait(timeout=30)
+    subprocess.run(["umount", "-l", str(mount.mountpoint)], capture_output=True)
+    [upload] = uploads_in_progress(s3, bucket, "window.bin")
+    part = 5 * MiB
+    sent = {item["PartNumber"]: item["ETag"] for item in s3.list_parts(
+        Bucket=bucket, Key="window.bin", UploadId=upload["UploadId"]).get("Parts", [])}
+    for number in range(1, (len(data) + part - 1) // part + 1):
+        if number not in sent:
+            sent[number] = s3.upload_part(Bucket=bucket, Key="window.bin", UploadId=upload["UploadId"],
+                                          PartNumber=number, Body=data[(number - 1) * part:number * part],
+                                          **sse_params(key_bytes))["ETag"]
+    completed = s3.complete_multipart_upload(
+        Bucket=bucket, Key="window.bin", UploadId=upload["UploadId"],
+        MultipartUpload={"Parts": [{"PartNumber": number, "ETag": etag} for number, etag in sorted(sent.items())]})
+    journal = small_cache_config.parent / "mount-cache" / "journal.sqlite"
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        changed = db.execute("UPDATE multipart_uploads SET completed_etag = ? WHERE upload_id = ?",
+                             (completed["ETag"].strip('"'), upload["UploadId"])).rowcount
+        db.commit()
+    assert changed == 1  # the journal did hold that upload, with its parked parts
+    again = mount_ssefs(small_cache_config, mount.mountpoint)
+    wait_for(lambda: status_of(again.mountpoint).get("dirty_files") == 0, "the file marked uploaded")
+    assert server_bytes(s3, bucket, "window.bin", key_bytes) == data
+    local = os.stat(again.mountpoint / "window.bin")
+    assert tag_of(s3, bucket, "window.bin") == attributes_tag(
+        FileAttributes(local.st_mode, local.st_uid, local.st_gid, local.st_mtime_ns))
+    assert "resuming the upload of 'window.bin'" in again.log()
+    with contextlib.closing(sqlite3.connect(journal)) as db:
+        assert db.execute("SELECT COUNT(*) FROM multipart_uploads").fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM parked_parts").fetchone()[0] == 0
