@@ -637,15 +637,22 @@ class BlockCache:
         parked_bytes = (max(etags) + 1) * part_size
         first_block, last_block = entry.parked_bytes // BLOCK_SIZE, parked_bytes // BLOCK_SIZE
         doomed = [index for index in self._entry_blocks.get(entry.id, ()) if first_block <= index < last_block]
+        before = entry.parked_bytes
         entry.parked_bytes = parked_bytes
-        with self._transaction():
-            self._db.execute("UPDATE multipart_uploads SET entry_id = ?, part_size = ? WHERE upload_id = ?",
-                             (entry.id, part_size, upload_id))
-            self._db.executemany("INSERT OR REPLACE INTO parked_parts VALUES (?, ?, ?)",
-                                 [(upload_id, index + 1, etag) for index, etag in etags.items()])
-            self._db.executemany("DELETE FROM blocks WHERE entry_id = ? AND block_index = ?",
-                                 [(entry.id, index) for index in doomed])
-            self._save_entry(entry)
+        # The size saved last stays: the writer's size may count a block not stored yet (``_save_entry``).
+        saved_size = entry.saved_row[3] if entry.saved_row is not None else None
+        try:
+            with self._transaction():
+                self._db.execute("UPDATE multipart_uploads SET entry_id = ?, part_size = ? WHERE upload_id = ?",
+                                 (entry.id, part_size, upload_id))
+                self._db.executemany("INSERT OR REPLACE INTO parked_parts VALUES (?, ?, ?)",
+                                     [(upload_id, index + 1, etag) for index, etag in etags.items()])
+                self._db.executemany("DELETE FROM blocks WHERE entry_id = ? AND block_index = ?",
+                                     [(entry.id, index) for index in doomed])
+                self._save_entry(entry, size_on_disk=saved_size)
+        except BaseException:
+            entry.parked_bytes, entry.saved_row = before, None  # rolled back: nothing is parked
+            raise
         await self.sync_journal()
         for index in doomed:
             self._forget_block(entry, index)
