@@ -128,10 +128,9 @@ class StreamedUploads:
             return False
         return offset < stream.fixed_bytes or end > MAX_STREAMED_PARTS * stream.part_size
 
-    def sending(self, entry: Entry) -> bool:
-        """Whether parts of the entry are being sent now."""
-        stream = self._streams.get(entry.id)
-        return stream is not None and stream.in_flight > 0
+    def sending(self) -> bool:
+        """Whether parts of any file are on their way now (or an upload to send them is being created)."""
+        return bool(self._starting) or any(stream.in_flight for stream in self._streams.values())
 
     def has_parked(self, entry: Entry) -> bool:
         stream = self._streams.get(entry.id)
@@ -191,8 +190,8 @@ class StreamedUploads:
         if entry.id not in self._streams:
             self._declined.discard(entry.id)
 
-    def streaming(self, entry: Entry) -> bool:
-        return entry.id in self._streams
+    def streaming(self, entry: Entry, *, or_starting: bool = False) -> bool:
+        return entry.id in self._streams or (or_starting and entry.id in self._starting)
 
     # ------------------------------------------------------------------ the uploader's side
 

@@ -48,6 +48,9 @@ MAX_PARTS = 10_000
 MAX_FILES_IN_FLIGHT = 2
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 300.0
+# A full cache with nothing on its way to S3 for this long: files being written and streamed are uploaded as
+# they stand to make room (see make_room).
+FULL_AND_IDLE_SECONDS = 1.0
 
 ReadRange = Callable[[int, int], Awaitable[bytes]]
 # For a byte range, the key of an object that holds exactly those bytes at the same offsets, if any.
@@ -226,6 +229,10 @@ class WriteBack:
         # (scheduling a thousand small files must not sort the queue a thousand times).
         self._next_wake = -math.inf
         self._slots = trio.Semaphore(MAX_FILES_IN_FLIGHT)
+        # Uploads running now, background or not (fsync, rename, make_room's).
+        self._uploading = 0
+        # Since when the cache has been full with no part or upload on its way (make_room).
+        self._idle_and_full_since: float | None = None
         self.last_error: str | None = None
         self.uploaded_files = 0
         self.uploaded_bytes = 0
@@ -248,15 +255,31 @@ class WriteBack:
     async def make_room(self) -> None:
         """The cache is full of dirty data: park the parts sent while files are written, else upload
         everything dirty now."""
-        if self.streams is not None and await self.streams.park_sent_parts():
-            return
+        used_before = self.cache.used_bytes
+        if self.streams is not None:
+            await self.streams.park_sent_parts()
+            if self.cache.used_bytes < used_before:
+                return  # parked here, or by the parking that ran while this one waited for a file's lock
+        # While parts are being sent or files uploaded, files still written that stream wait for those to land
+        # (parts are parked then, uploaded files evictable): uploading one now would complete it as it stands,
+        # and every later fill would upload it again. Only when nothing has been on its way for a while (what
+        # just landed had its chance to make room) are they uploaded too: else every writer would wait forever.
+        now = trio.current_time()
+        if self.streams is not None and (self.streams.sending() or self._uploading > 0):
+            self._idle_and_full_since = None
+        elif self._idle_and_full_since is None:
+            self._idle_and_full_since = now
+        spare_streams = self._idle_and_full_since is None or now - self._idle_and_full_since < FULL_AND_IDLE_SECONDS
         for entry in self.cache.dirty_entries():
             # Entries in retry backoff keep their schedule: hammering a server that
             # is down would not free space any sooner.
             if entry.id in self._in_flight or entry.id in self._failures:
                 continue
-            if self.streams is not None and entry.open_writers and self.streams.sending(entry):
-                continue  # its parts in flight make room as they land (they are parked then)
+            if entry.open_writers and self.streams is not None and self.streams.streaming(entry, or_starting=True):
+                if spare_streams:
+                    continue
+                log.debug("the cache is full and nothing is on its way to S3: uploading %r as it stands",
+                          entry.object_key)
             self._due[entry.id] = trio.current_time()
         self._wakeup.set()
         await trio.lowlevel.checkpoint()
@@ -316,40 +339,48 @@ class WriteBack:
         async with entry.lock:
             if not entry.dirty or not self.cache.is_live(entry) or entry.unlinked:
                 return
-            cached_file = self._cached_file(entry)
-            await cached_file.seal_hot()
-            await self.cache.sync(entry)
-            generation, size = entry.generation, entry.size
+            self._uploading += 1
+            try:
+                await self._upload_locked(entry)
+            finally:
+                self._uploading -= 1
 
-            async def read(offset: int, length: int) -> bytes:
-                return await cached_file.read(offset, length, keep=False)
+    async def _upload_locked(self, entry: Entry) -> None:
+        """The upload itself, under ``entry.lock``."""
+        cached_file = self._cached_file(entry)
+        await cached_file.seal_hot()
+        await self.cache.sync(entry)
+        generation, size = entry.generation, entry.size
 
-            def unchanged_in_base(start: int, end: int) -> str | None:
-                if entry.base_key is None or end > entry.base_valid:
-                    return None
-                if self.cache.has_dirty_blocks(entry, start // BLOCK_SIZE, (end - 1) // BLOCK_SIZE):
-                    return None
-                return entry.base_key
+        async def read(offset: int, length: int) -> bytes:
+            return await cached_file.read(offset, length, keep=False)
 
-            self._on_upload_start(entry)
-            stream = await self.streams.take(entry, size) if self.streams is not None else None
-            if stream is not None:
-                etag = await self._finish_stream(entry, stream, size, read)
-            else:
-                etag = await upload_object(
-                    self.store, self.settings, entry.object_key, size, read,
-                    metadata=to_metadata(entry.attributes), copy_source=unchanged_in_base,
-                )
-            self.uploaded_files += 1
-            self.uploaded_bytes += size
-            if self.cache.is_live(entry):
-                self.cache.mark_uploaded(entry, generation, etag=etag, size=size)
-                self._on_uploaded(entry)
-                # Lost in a power cut, the entry would look dirty again and be uploaded once more
-                # over whatever another client wrote since.
-                await self.cache.sync_journal()
-            self._due.pop(entry.id, None)
-            log.debug("uploaded %r (%d bytes, generation %d)", entry.object_key, size, generation)
+        def unchanged_in_base(start: int, end: int) -> str | None:
+            if entry.base_key is None or end > entry.base_valid:
+                return None
+            if self.cache.has_dirty_blocks(entry, start // BLOCK_SIZE, (end - 1) // BLOCK_SIZE):
+                return None
+            return entry.base_key
+
+        self._on_upload_start(entry)
+        stream = await self.streams.take(entry, size) if self.streams is not None else None
+        if stream is not None:
+            etag = await self._finish_stream(entry, stream, size, read)
+        else:
+            etag = await upload_object(
+                self.store, self.settings, entry.object_key, size, read,
+                metadata=to_metadata(entry.attributes), copy_source=unchanged_in_base,
+            )
+        self.uploaded_files += 1
+        self.uploaded_bytes += size
+        if self.cache.is_live(entry):
+            self.cache.mark_uploaded(entry, generation, etag=etag, size=size)
+            self._on_uploaded(entry)
+            # Lost in a power cut, the entry would look dirty again and be uploaded once more
+            # over whatever another client wrote since.
+            await self.cache.sync_journal()
+        self._due.pop(entry.id, None)
+        log.debug("uploaded %r (%d bytes, generation %d)", entry.object_key, size, generation)
 
     async def _finish_stream(self, entry: Entry, stream: StreamedUpload, size: int, read: ReadRange) -> str:
         """Send what the stream has not sent yet, complete it, and give the object its final attributes."""

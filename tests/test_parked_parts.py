@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from ssefs.metadata import FileAttributes, attributes_tag
 from ssefs.seaweed import SeaweedEndpoint
 
 from .conftest import Mount, server_bytes, sse_params, write_config
+from .proxy import TcpProxy
 from .test_stream_upload import fsync_path, pattern, status_of, tag_of, uploads_in_progress, wait_for
 
 MountFactory = Callable[..., Mount]
@@ -280,3 +282,94 @@ def test_killed_after_completing_before_marking_uploaded_the_next_start_only_fin
     with contextlib.closing(sqlite3.connect(journal)) as db:
         assert db.execute("SELECT COUNT(*) FROM multipart_uploads").fetchone()[0] == 0
         assert db.execute("SELECT COUNT(*) FROM parked_parts").fetchone()[0] == 0
+
+
+def test_parts_that_fail_once_parts_are_parked_are_sent_again_not_abandoned(
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, mount_ssefs: MountFactory, s3: Any,
+    key_bytes: bytes,
+) -> None:
+    """The server goes away for a few seconds while a file larger than the cache is written: its parked
+    parts cannot be given up, so the parts that fail are sent again, and the writer waits meanwhile."""
+    port = int(endpoint.endpoint.rsplit(":", 1)[1])
+    with TcpProxy("127.0.0.1", port) as proxy:
+        config = write_config(tmp_path, endpoint, bucket, key_file, endpoint_url=proxy.endpoint,
+                              s3_extra='part_size = "5MiB"\nmultipart_threshold = "5MiB"',
+                              cache_extra='max_size = "64MiB"\nwriteback_delay = 600')
+        mount = mount_ssefs(config)
+        data = pattern(4 * CACHE, seed=37)
+        failures: list[BaseException] = []
+
+        def write_all() -> None:
+            try:
+                with open(mount.mountpoint / "outage.bin", "wb") as writer:
+                    for offset in range(0, len(data), MiB):
+                        writer.write(data[offset:offset + MiB])
+            except BaseException as error:  # noqa: BLE001 - reported by the test below
+                failures.append(error)
+
+        writer = threading.Thread(target=write_all)
+        writer.start()
+        wait_for(lambda: parked_bytes(mount) > 0, "parts parked")
+        proxy.down()
+        wait_for(lambda: "sending it again" in mount.log(), "a part failing and being sent again")
+        time.sleep(2)
+        proxy.up()
+        writer.join(timeout=120)
+        assert not writer.is_alive() and failures == []
+        fsync_path(mount.mountpoint / "outage.bin")
+    assert server_bytes(s3, bucket, "outage.bin", key_bytes) == data
+    status = status_of(mount.mountpoint)
+    assert (status["uploaded_files"], status["streams_started"], status["streams_abandoned"]) == (1, 1, 0)
+    assert uploads_in_progress(s3, bucket, "outage.bin") == []
+
+
+def write_at_once(mountpoint: Path, contents: dict[str, bytes]) -> None:
+    """Write each file from its own thread, all at once, each ending with an fsync."""
+    failures: list[BaseException] = []
+
+    def write(name: str) -> None:
+        try:
+            with open(mountpoint / name, "wb") as writer:
+                for offset in range(0, len(contents[name]), MiB):
+                    writer.write(contents[name][offset:offset + MiB])
+                writer.flush()
+                os.fsync(writer.fileno())
+        except BaseException as error:  # noqa: BLE001 - reported below
+            failures.append(error)
+
+    threads = [threading.Thread(target=write, args=(name,)) for name in contents]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads) and failures == []
+
+
+def test_two_files_larger_than_the_cache_written_at_once_are_each_sent_once(
+    small_cache_config: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes,
+) -> None:
+    mount = mount_ssefs(small_cache_config)
+    contents = {name: pattern(3 * CACHE, seed=seed) for name, seed in (("one.bin", 41), ("two.bin", 43))}
+    write_at_once(mount.mountpoint, contents)
+    for name, data in contents.items():
+        assert server_bytes(s3, bucket, name, key_bytes) == data
+        assert uploads_in_progress(s3, bucket, name) == []
+    status = status_of(mount.mountpoint)
+    # Neither was completed early while the other's parts were on their way (and then uploaded again).
+    assert (status["uploaded_files"], status["streams_started"], status["streams_abandoned"]) == (2, 2, 0)
+
+
+def test_more_writers_than_the_cache_holds_all_land(
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, mount_ssefs: MountFactory, s3: Any,
+    key_bytes: bytes,
+) -> None:
+    """Four writers of 8 MiB parts in a 64 MiB cache fill it before any of them holds the four parts a
+    stream starts at: the files are uploaded as they stand to make room, again later (slow, but nothing
+    waits forever and every byte lands)."""
+    config = write_config(tmp_path, endpoint, bucket, key_file, cache_extra='max_size = "64MiB"\nwriteback_delay = 600')
+    mount = mount_ssefs(config)
+    contents = {f"writer{number}.bin": pattern(CACHE, seed=50 + number) for number in range(4)}
+    write_at_once(mount.mountpoint, contents)
+    for name, data in contents.items():
+        assert server_bytes(s3, bucket, name, key_bytes) == data
+        assert uploads_in_progress(s3, bucket, name) == []
