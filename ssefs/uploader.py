@@ -8,8 +8,9 @@ upload together. A failed upload is retried with capped exponential backoff
 (1 s doubling to 5 min) and never dropped: the data stays in the cache, also
 across restarts. When the cache is full of dirty data, ``make_room`` first parks
 the parts that files being written have sent (streaming.py), and if that frees
-nothing makes every dirty entry due at once, open ones included (except those
-whose parts in flight will free room), so writers waiting for space move on.
+nothing makes every dirty entry due at once, open ones included, so writers
+waiting for space move on; files being written and streamed are left out while
+parts or uploads are on their way (they make room as they land).
 
 ``upload_object`` decides how one object's bytes travel: up to
 ``multipart_threshold`` one PutObject; above it a multipart upload whose parts
@@ -269,14 +270,14 @@ class WriteBack:
             self._idle_and_full_since = None
         elif self._idle_and_full_since is None:
             self._idle_and_full_since = now
-        spare_streams = self._idle_and_full_since is None or now - self._idle_and_full_since < FULL_AND_IDLE_SECONDS
+        streams_may_wait = self._idle_and_full_since is None or now - self._idle_and_full_since < FULL_AND_IDLE_SECONDS
         for entry in self.cache.dirty_entries():
             # Entries in retry backoff keep their schedule: hammering a server that
             # is down would not free space any sooner.
             if entry.id in self._in_flight or entry.id in self._failures:
                 continue
             if entry.open_writers and self.streams is not None and self.streams.streaming(entry, or_starting=True):
-                if spare_streams:
+                if streams_may_wait:
                     continue
                 log.debug("the cache is full and nothing is on its way to S3: uploading %r as it stands",
                           entry.object_key)
