@@ -205,6 +205,13 @@ class Mount:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def kill(self, *, unmount: bool = False) -> None:
+        """SIGKILL the daemon (a crash) and wait for it; ``unmount`` also detaches the dead mount."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        if unmount:
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+
     def stop(self, timeout: float = 60.0) -> int:
         """Unmount and wait for the daemon to exit; returns its exit code."""
         unmount(self.mountpoint)

@@ -26,7 +26,6 @@ import errno
 import os
 import random
 import secrets
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -121,8 +120,7 @@ class Crashable:
         self.watcher.allow(key, data)
 
     def kill(self) -> None:
-        self.mount.process.send_signal(signal.SIGKILL)
-        self.mount.process.wait(timeout=30)
+        self.mount.kill()
         self.figures.crashes += 1
 
     def restart(self) -> Mount:
@@ -533,8 +531,7 @@ def test_restart_right_after_kill(
     data = secrets.token_bytes(100_000)
     write_file(mountpoint / "kept.bin", data)
     os.stat(mountpoint)
-    first.process.send_signal(signal.SIGKILL)
-    first.process.wait(timeout=30)
+    first.kill()
     figures.crashes += 1
     mount_ssefs(config, mountpoint)
     eventually_on_server(s3, bucket, "kept.bin", key_bytes, data)

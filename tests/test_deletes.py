@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import signal
 import subprocess
 import threading
 import time
@@ -365,8 +364,7 @@ def test_deletes_not_sent_before_a_kill_are_sent_by_the_next_mount(
     with pytest.raises(OSError) as caught:
         fsync_directory(directory)
     assert caught.value.errno == errno.EIO
-    first.process.send_signal(signal.SIGKILL)
-    first.process.wait(timeout=30)
+    first.kill()
     assert len(keys(s3, bucket, "gone/")) == 51  # nothing was deleted yet
     proxy.up()
     second = mount_ssefs(config, first.mountpoint)

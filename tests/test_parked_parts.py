@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import signal
 import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -70,6 +68,14 @@ def largest_cache_seen(cache_dir: Path) -> Iterator[list[int]]:
 
 def parked_bytes(mount: Mount) -> int:
     return int(status_of(mount.mountpoint).get("streams_parked_bytes", 0))
+
+
+def write_until_parked(mount: Mount, path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file and close it once some of its parts are parked."""
+    with open(path, "wb") as writer:
+        writer.write(data)
+        writer.flush()
+        wait_for(lambda: parked_bytes(mount) > 0, "parts parked")
 
 
 def test_a_file_four_times_the_cache_streams_through_it_in_one_upload(
@@ -140,14 +146,10 @@ def test_killed_with_parts_parked_the_next_start_resumes_the_upload(
 ) -> None:
     mount = mount_ssefs(small_cache_config)
     data = pattern(2 * CACHE, seed=11)
-    with open(mount.mountpoint / "resumed.bin", "wb") as writer:
-        writer.write(data)
-        wait_for(lambda: parked_bytes(mount) > 0, "parts parked")
+    write_until_parked(mount, mount.mountpoint / "resumed.bin", data)
     # Closed (durable in the cache and in the parts), not uploaded: the write-back delay is 600 s.
     [upload] = uploads_in_progress(s3, bucket, "resumed.bin")
-    mount.process.send_signal(signal.SIGKILL)
-    mount.process.wait(timeout=30)
-    subprocess.run(["umount", "-l", str(mount.mountpoint)], capture_output=True)
+    mount.kill(unmount=True)
     again = mount_ssefs(small_cache_config, mount.mountpoint)
     # The restart finishes that same upload (its first bytes exist nowhere else) rather than aborting it.
     fsync_path(again.mountpoint / "resumed.bin")
@@ -177,17 +179,13 @@ def test_renamed_while_open_with_parts_parked_the_writer_goes_on_under_the_new_n
     assert uploads_in_progress(s3, bucket, "before.bin") == uploads_in_progress(s3, bucket, "after.bin") == []
 
 
-
 def test_a_directory_renamed_with_a_file_whose_parts_are_parked(
     small_cache_config: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes,
 ) -> None:
     mount = mount_ssefs(small_cache_config)
     (mount.mountpoint / "old").mkdir()
     data = pattern(2 * CACHE, seed=19)
-    with open(mount.mountpoint / "old" / "big.bin", "wb") as writer:
-        writer.write(data)
-        writer.flush()
-        wait_for(lambda: parked_bytes(mount) > 0, "parts parked")
+    write_until_parked(mount, mount.mountpoint / "old" / "big.bin", data)
     os.rename(mount.mountpoint / "old", mount.mountpoint / "new")
     fsync_path(mount.mountpoint / "new" / "big.bin")
     assert server_bytes(s3, bucket, "new/big.bin", key_bytes) == data
@@ -202,10 +200,7 @@ def test_extended_attributes_set_on_a_file_whose_parts_are_parked(
     mount = mount_ssefs(small_cache_config)
     path = mount.mountpoint / "tagged.bin"
     data = pattern(2 * CACHE, seed=23)
-    with open(path, "wb") as writer:
-        writer.write(data)
-        writer.flush()
-        wait_for(lambda: parked_bytes(mount) > 0, "parts parked")
+    write_until_parked(mount, path, data)
     # Fixed in the upload's metadata when it was created: the upload completes first, then they are set.
     os.setxattr(path, "user.origin", b"backup-host")
     fsync_path(path)
@@ -247,13 +242,8 @@ def test_killed_after_completing_before_marking_uploaded_the_next_start_only_fin
     killed with parts parked, and the rest of the upload is done here as the daemon would have done it."""
     mount = mount_ssefs(small_cache_config)
     data = pattern(2 * CACHE, seed=31)
-    with open(mount.mountpoint / "window.bin", "wb") as writer:
-        writer.write(data)
-        writer.flush()
-        wait_for(lambda: parked_bytes(mount) > 0, "parts parked")
-    mount.process.send_signal(signal.SIGKILL)
-    mount.process.wait(timeout=30)
-    subprocess.run(["umount", "-l", str(mount.mountpoint)], capture_output=True)
+    write_until_parked(mount, mount.mountpoint / "window.bin", data)
+    mount.kill(unmount=True)
     [upload] = uploads_in_progress(s3, bucket, "window.bin")
     part = 5 * MiB
     sent = {item["PartNumber"]: item["ETag"] for item in s3.list_parts(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import stat
 import subprocess
 import time
@@ -214,9 +213,7 @@ def test_killed_while_streaming_the_restart_uploads_the_file_and_aborts_the_part
     with open(path, "wb") as writer:
         writer.write(data)
     wait_for(lambda: parts_sent(s3, bucket, "killed.bin") >= 3, "parts sent before the kill")
-    mount.process.send_signal(signal.SIGKILL)
-    mount.process.wait(timeout=30)
-    subprocess.run(["umount", "-l", str(mount.mountpoint)], capture_output=True)
+    mount.kill(unmount=True)
     again = mount_ssefs(streaming_config, mount.mountpoint)
     # The restart aborts the unfinished upload and uploads the closed file whole from the cache.
     fsync_path(again.mountpoint / "killed.bin")

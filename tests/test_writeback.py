@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -92,8 +91,7 @@ def test_kill_9_then_restart_uploads_every_closed_file(
             writer.write(data)
             writer.flush()
             os.fsync(writer.fileno())
-    first.process.send_signal(signal.SIGKILL)
-    first.process.wait(timeout=30)
+    first.kill()
 
     for name, data in synced.items():
         assert server_bytes(s3, bucket, name, key_bytes) == data  # fsync meant durable in S3
