@@ -142,7 +142,8 @@ CREATE TABLE IF NOT EXISTS multipart_uploads (
     started REAL NOT NULL,
     entry_id INTEGER,
     part_size INTEGER,
-    completed_etag TEXT
+    completed_etag TEXT,
+    key_fingerprint TEXT
 );
 CREATE TABLE IF NOT EXISTS parked_parts (
     upload_id TEXT NOT NULL,
@@ -288,6 +289,8 @@ class ParkedUpload:
     etags: dict[int, str]
     # Set when the upload was completed but the crash came before the entry was marked uploaded.
     completed_etag: str | None
+    # The SSE-C key it was created under (None: journaled before ssefs recorded it; the current key).
+    key_fingerprint: str | None = None
 
 
 @dataclass
@@ -358,7 +361,8 @@ class BlockCache:
             if column not in present:
                 self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
         present = {row[1] for row in self._db.execute("PRAGMA table_info(multipart_uploads)")}
-        for column, kind in (("entry_id", "INTEGER"), ("part_size", "INTEGER"), ("completed_etag", "TEXT")):
+        for column, kind in (("entry_id", "INTEGER"), ("part_size", "INTEGER"), ("completed_etag", "TEXT"),
+                             ("key_fingerprint", "TEXT")):
             if column not in present:
                 self._db.execute(f"ALTER TABLE multipart_uploads ADD COLUMN {column} {kind}")
         if "data" not in {row[1] for row in self._db.execute("PRAGMA table_info(blocks)")}:
@@ -584,11 +588,13 @@ class BlockCache:
 
     # ------------------------------------------------------------------ multipart uploads
 
-    def multipart_started(self, object_key: str, upload_id: str) -> None:
-        """Record a started multipart upload (``store.UploadJournal``), so a crash cannot orphan it."""
+    def multipart_started(self, object_key: str, upload_id: str, key_fingerprint: str | None = None) -> None:
+        """Record a started multipart upload (``store.UploadJournal``), so a crash cannot orphan it, with
+        the fingerprint of the SSE-C key it was created under (its every part must use that key)."""
         self._db.execute(
-            "INSERT OR REPLACE INTO multipart_uploads (upload_id, object_key, started) VALUES (?, ?, ?)",
-            (upload_id, object_key, time.time()),
+            "INSERT OR REPLACE INTO multipart_uploads (upload_id, object_key, started, key_fingerprint) "
+            "VALUES (?, ?, ?, ?)",
+            (upload_id, object_key, time.time(), key_fingerprint),
         )
 
     def multipart_finished(self, upload_id: str, etag: str | None = None) -> None:
@@ -616,15 +622,16 @@ class BlockCache:
     def parked_uploads(self) -> list[ParkedUpload]:
         """The uploads holding parked parts of live entries: to be resumed, never aborted."""
         found = []
-        for upload_id, entry_id, part_size, completed_etag in self._db.execute(
-            "SELECT upload_id, entry_id, part_size, completed_etag FROM multipart_uploads WHERE entry_id IS NOT NULL"
+        for upload_id, entry_id, part_size, completed_etag, key_fingerprint in self._db.execute(
+            "SELECT upload_id, entry_id, part_size, completed_etag, key_fingerprint FROM multipart_uploads "
+            "WHERE entry_id IS NOT NULL"
         ).fetchall():
             entry = self._entries.get(entry_id)
             if entry is None or not entry.parked_bytes or entry.unlinked:
                 continue
             etags = {number - 1: etag for number, etag in self._db.execute(
                 "SELECT part_number, etag FROM parked_parts WHERE upload_id = ?", (upload_id,))}
-            found.append(ParkedUpload(entry, upload_id, part_size, etags, completed_etag))
+            found.append(ParkedUpload(entry, upload_id, part_size, etags, completed_etag, key_fingerprint))
         return found
 
     async def park(self, entry: Entry, upload_id: str, part_size: int, etags: dict[int, str]) -> None:

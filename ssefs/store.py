@@ -134,7 +134,7 @@ class UploadJournal(Protocol):
     journal still lists (``uploader.abort_unfinished_uploads``).
     """
 
-    def multipart_started(self, object_key: str, upload_id: str) -> None: ...
+    def multipart_started(self, object_key: str, upload_id: str, key_fingerprint: str | None = None) -> None: ...
 
     def multipart_finished(self, upload_id: str, etag: str | None = None) -> None:
         """Aborted (``etag`` None) or completed as the object with ``etag``."""
@@ -749,7 +749,7 @@ class ObjectStore:
         started = time.time()
         pending = PENDING_CREATE_PREFIX + secrets.token_hex(8)
         if journal is not None:
-            journal.multipart_started(object_key, pending)
+            journal.multipart_started(object_key, pending, self._key.fingerprint)
         try:
             response = await self._call(
                 "CreateMultipartUpload",
@@ -770,7 +770,7 @@ class ObjectStore:
         self._check_echo("CreateMultipartUpload", object_key, response, required=False)
         upload_id = str(response["UploadId"])
         if journal is not None:
-            journal.multipart_started(object_key, upload_id)
+            journal.multipart_started(object_key, upload_id, self._key.fingerprint)
         # Sent more than once: an earlier attempt may have created an upload whose answer was lost.
         retried = response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
         swept = not retried or await self.abort_stray_uploads(object_key, started, time.time(), keep=upload_id)
@@ -812,16 +812,20 @@ class ObjectStore:
             log.info("aborted %d stray multipart upload(s) of %r left by a retried request", aborted, object_key)
         return True
 
-    async def upload_part(self, object_key: str, upload_id: str, part_number: int, data: bytes) -> str:
+    async def upload_part(self, object_key: str, upload_id: str, part_number: int, data: bytes, *,
+                          key: SseKey | None = None) -> str:
+        """Send one part under ``key``, the key the upload was created under (default: the current key):
+        S3 wants the same key on every part, and SeaweedFS takes another one silently, leaving an object
+        whose parts under the other key read back as garbage."""
         response = await self._call(
             "UploadPart",
             object_key,
             functools.partial(
                 self._client.upload_part, Bucket=self.bucket, Key=object_key, UploadId=upload_id,
-                PartNumber=part_number, Body=data, **self._sse,
+                PartNumber=part_number, Body=data, **(key or self._key).sse_params(),
             ),
         )
-        self._check_echo("UploadPart", object_key, response)
+        self._check_echo("UploadPart", object_key, response, key=key)
         return str(response["ETag"])
 
     async def upload_part_copy(
@@ -856,7 +860,9 @@ class ObjectStore:
         self.part_copy_supported = True
         return str(response["CopyPartResult"]["ETag"])
 
-    async def complete_multipart(self, object_key: str, upload_id: str, part_etags: list[str]) -> str:
+    async def complete_multipart(self, object_key: str, upload_id: str, part_etags: list[str], *,
+                                 key: SseKey | None = None) -> str:
+        """Complete an upload created under ``key`` (default: the current key), which the object is then under."""
         parts = [{"PartNumber": number, "ETag": etag} for number, etag in enumerate(part_etags, start=1)]
         response = await self._call(
             "CompleteMultipartUpload",
@@ -866,7 +872,7 @@ class ObjectStore:
                 UploadId=upload_id, MultipartUpload={"Parts": parts},
             ),
         )
-        self._stored_under(object_key, self._key)
+        self._stored_under(object_key, key or self._key)
         etag = str(response.get("ETag", "")).strip('"')
         if self.upload_journal is not None:
             self.upload_journal.multipart_finished(upload_id, etag)

@@ -40,6 +40,7 @@ from .cache import BlockCache, Entry, ParkedUpload
 from .cachedfile import CachedFile
 from .config import S3Settings
 from .errors import SsefsError
+from .keys import SseKey
 from .metadata import ATTRIBUTES_IN_TAG, FileAttributes, to_metadata
 from .store import ObjectStore
 
@@ -82,6 +83,9 @@ class StreamedUpload:
     completed_etag: str | None = None
     # Set once the uploader takes the stream to finish it: parts being sent again stop (it sends them).
     finishing: trio.Event = field(default_factory=trio.Event)
+    # The SSE-C key every part must be sent under: the one the upload was created under (None: the current
+    # key; another only for an upload resumed after a key rotation).
+    key: SseKey | None = None
 
     @property
     def fixed_bytes(self) -> int:
@@ -239,8 +243,15 @@ class StreamedUploads:
             self._streams[entry.id] = stream
 
     def resume(self, parked: ParkedUpload) -> None:
-        """Take up again an upload whose parked parts an earlier run left (the uploader finishes it)."""
+        """Take up again an upload whose parked parts an earlier run left (the uploader finishes it), under
+        the key it was created under, which a key rotation since may have made a previous key."""
         entry = parked.entry
+        key = self.store.keys.by_fingerprint(parked.key_fingerprint) if parked.key_fingerprint else None
+        if parked.key_fingerprint and key is None:
+            log.error("the unfinished upload of %r, which alone holds its first %d bytes, was begun under the SSE-C "
+                      "key with fingerprint %s, which this mount does not have: mount with that key (as the key or "
+                      "in previous_keys) to finish it", entry.object_key, entry.parked_bytes, parked.key_fingerprint)
+            return
         count = entry.parked_bytes // parked.part_size
         missing = [index + 1 for index in range(count) if index not in parked.etags]
         if missing:
@@ -248,7 +259,8 @@ class StreamedUploads:
                       missing[:10], entry.object_key)
         stream = StreamedUpload(entry.object_key, parked.upload_id, parked.part_size, entry.attributes,
                                 etags=dict(parked.etags), claimed=count, parked=count,
-                                completed_etag=parked.completed_etag)
+                                completed_etag=parked.completed_etag,
+                                key=None if key is self.store.keys.current else key)
         stream.idle.set()
         self._streams[entry.id] = stream
         log.info("resuming the upload of %r, whose first %d bytes an earlier run sent and left only there",
@@ -373,7 +385,7 @@ class StreamedUploads:
                 if len(data) != stream.part_size:
                     raise SsefsError(f"part {index + 1} of {stream.object_key!r} read short ({len(data)} bytes)")
                 stream.etags[index] = await self.store.upload_part(stream.object_key, stream.upload_id, index + 1,
-                                                                   data)
+                                                                   data, key=stream.key)
         except (SsefsError, OSError) as error:
             log.debug("part %d of %r could not be sent while the file is written: %s", index + 1,
                       stream.object_key, error)

@@ -36,6 +36,7 @@ from .cache import BLOCK_SIZE, BlockCache, Entry
 from .cachedfile import CachedFile
 from .config import MAX_PART_SIZE, MiB, S3Settings
 from .errors import NoSuchObject, SsefsError, unwrap_group
+from .keys import SseKey
 from .metadata import attributes_tag, to_metadata
 from .store import PENDING_CREATE_PREFIX, ObjectInfo, ObjectStore
 from .streaming import StreamedUpload, StreamedUploads
@@ -100,10 +101,10 @@ async def upload_object(
 async def send_parts(
     store: ObjectStore, settings: S3Settings, object_key: str, upload_id: str, part_indexes: Sequence[int],
     part_size: int, size: int, read: ReadRange, etags: list[str],
-    copy_source: CopySource = lambda start, end: None,
+    copy_source: CopySource = lambda start, end: None, key: SseKey | None = None,
 ) -> None:
     """Upload the parts ``part_indexes`` (their ETags into ``etags``), ``upload_concurrency`` at once
-    (so at most that many parts are in memory)."""
+    (so at most that many parts are in memory), under ``key`` (default: the current key)."""
 
     async def send(part_index: int) -> None:
         offset = part_index * part_size
@@ -115,7 +116,7 @@ async def send_parts(
                 etags[part_index] = copied
                 return
         data = await read(offset, end - offset)
-        etags[part_index] = await store.upload_part(object_key, upload_id, part_index + 1, data)
+        etags[part_index] = await store.upload_part(object_key, upload_id, part_index + 1, data, key=key)
 
     await for_each(part_indexes, settings.upload_concurrency, send)
 
@@ -394,8 +395,9 @@ class WriteBack:
                 etag = stream.completed_etag  # completed before a crash: only its attributes are left
             else:
                 await send_parts(self.store, self.settings, stream.object_key, stream.upload_id,
-                                 missing, stream.part_size, size, read, etags)
-                etag = await self.store.complete_multipart(stream.object_key, stream.upload_id, etags)
+                                 missing, stream.part_size, size, read, etags, key=stream.key)
+                etag = await self.store.complete_multipart(stream.object_key, stream.upload_id, etags,
+                                                           key=stream.key)
         except BaseException as error:
             if stream.parked:
                 # Its first bytes are only in its parts: never aborted; the retry (or next start) finishes it.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -19,8 +20,9 @@ import pytest
 from ssefs.metadata import FileAttributes, attributes_tag
 from ssefs.seaweed import SeaweedEndpoint
 
-from .conftest import Mount, server_bytes, sse_params, write_config
+from .conftest import Mount, server_bytes, sse_params, write_config, write_key_file
 from .proxy import TcpProxy
+from .test_rotation import refused_with_key, with_key_lines
 from .test_stream_upload import fsync_path, pattern, status_of, tag_of, uploads_in_progress, wait_for
 
 MountFactory = Callable[..., Mount]
@@ -158,6 +160,35 @@ def test_killed_with_parts_parked_the_next_start_resumes_the_upload(
     assert "resuming the upload of 'resumed.bin'" in again.log()
     assert upload["UploadId"] not in again.log()  # never named as aborted (nor anywhere else)
     assert (again.mountpoint / "resumed.bin").read_bytes() == data
+
+
+def test_killed_with_parts_parked_then_the_key_rotated_the_upload_resumes_under_its_own_key(
+    small_cache_config: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_file: Path, key_bytes: bytes,
+) -> None:
+    """S3 wants every part of a multipart upload under the key it was created with: after a rotation
+    (the key that created it now in ``previous_keys``), the resumed upload sends its last parts under
+    that key, not the new one, so the object is whole under one key; the next write moves it to the new key."""
+    mount = mount_ssefs(small_cache_config)
+    data = pattern(2 * CACHE, seed=47)
+    write_until_parked(mount, mount.mountpoint / "rotated.bin", data)
+    mount.kill(unmount=True)
+    new_key = secrets.token_bytes(32)
+    new_file = write_key_file(small_cache_config.parent / "new.key", new_key)
+    settings = small_cache_config.read_text()
+    small_cache_config.write_text(settings.replace(f'file = "{key_file}"', f'file = "{new_file}"'))
+    with_key_lines(small_cache_config, f'previous_keys = [{{ file = "{key_file}" }}]')
+    again = mount_ssefs(small_cache_config, mount.mountpoint)
+    again.secrets_to_hide += [key_bytes, new_key]
+    fsync_path(again.mountpoint / "rotated.bin")
+    assert uploads_in_progress(s3, bucket, "rotated.bin") == []
+    assert server_bytes(s3, bucket, "rotated.bin", key_bytes) == data
+    assert (again.mountpoint / "rotated.bin").read_bytes() == data
+    with open(again.mountpoint / "rotated.bin", "ab") as appended:
+        appended.write(b"tail")
+        appended.flush()
+        os.fsync(appended.fileno())
+    assert server_bytes(s3, bucket, "rotated.bin", new_key) == data + b"tail"
+    assert refused_with_key(s3, bucket, "rotated.bin", key_bytes)
 
 
 def test_renamed_while_open_with_parts_parked_the_writer_goes_on_under_the_new_name(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import stat
 import subprocess
 import time
@@ -18,8 +19,9 @@ import pytest
 import trio
 import trio.testing
 
-from ssefs.cache import Entry
+from ssefs.cache import Entry, ParkedUpload
 from ssefs.config import S3Settings
+from ssefs.keys import KeyRing, SseKey
 from ssefs.metadata import ATTRIBUTES_IN_TAG, ATTRIBUTES_TAG, FileAttributes, attributes_tag, with_tagged_attributes
 from ssefs.seaweed import SeaweedEndpoint
 from ssefs.streaming import STREAM_AFTER_PARTS, StreamedUploads
@@ -75,10 +77,17 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def status_of(mountpoint: Path) -> dict[str, Any]:
-    shown = subprocess.run(ssefs_command("status", str(mountpoint), "--json"), capture_output=True, text=True,
-                           timeout=30)
-    return dict(json.loads(shown.stdout)) if shown.returncode == 0 else {}
+def status_of(mountpoint: Path, timeout: float = 10.0) -> dict[str, Any]:
+    """``ssefs status`` as of after this call: the daemon rewrites what it shows once a second, so an
+    answer taken before (say, before the upload an ``fsync`` just finished) is waited out."""
+    asked, deadline = time.time(), time.monotonic() + timeout
+    while True:
+        shown = subprocess.run(ssefs_command("status", str(mountpoint), "--json"), capture_output=True, text=True,
+                               timeout=30)
+        status = dict(json.loads(shown.stdout)) if shown.returncode == 0 else {}
+        if not status or status.get("updated_at", 0) >= asked or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
 
 
 def tag_of(s3: Any, bucket: str, key: str) -> str | None:
@@ -353,7 +362,8 @@ class SlowToCreateStore:
         await self.release.wait()
         return "upload-1"
 
-    async def upload_part(self, object_key: str, upload_id: str, part_number: int, data: bytes) -> str:
+    async def upload_part(self, object_key: str, upload_id: str, part_number: int, data: bytes, *,
+                          key: Any = None) -> str:
         self.parts[part_number] = len(data)
         return f"etag-{part_number}"
 
@@ -396,3 +406,27 @@ async def test_what_happens_to_a_file_while_its_upload_is_being_created(meanwhil
             assert store.aborted == ["upload-1"] and len(streams) == 0
             assert await streams.take(entry, size) is None
     assert streams._cancelled_starts == set() and streams._declined == set()
+
+
+@pytest.mark.parametrize("created_under", ["current", "previous", "gone", "unrecorded"])
+def test_a_resumed_upload_sends_its_parts_under_the_key_it_was_created_under(
+    created_under: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After a key rotation, the key an upload was created under may be a previous key: its last parts go
+    under that key (S3 wants one key per upload). A key no longer configured leaves it for a mount with it."""
+    current, previous, gone = (SseKey(secrets.token_bytes(32)) for _ in range(3))
+    fingerprint = {"current": current.fingerprint, "previous": previous.fingerprint, "gone": gone.fingerprint,
+                   "unrecorded": None}[created_under]
+    store = SimpleNamespace(keys=KeyRing(current, (previous,)))
+    streams = StreamedUploads(store, S3Settings(endpoint="https://s3.example", bucket="b"),  # type: ignore[arg-type]
+                              cache=None, cached_file=lambda entry: None)  # type: ignore[arg-type,return-value]
+    entry = Entry(1, b"u1", "big.bin", None, "", 0, 30 * MiB, 0, parked_bytes=10 * MiB)
+    streams.resume(ParkedUpload(entry, "upload-1", 5 * MiB, {0: "e1", 1: "e2"}, None, fingerprint))
+    if created_under == "gone":
+        assert not streams.streaming(entry)
+        assert f"fingerprint {gone.fingerprint}, which this mount does not have" in caplog.text
+        return
+    assert streams.streaming(entry)
+    stream = streams._streams[entry.id]
+    assert (stream.upload_id, stream.parked, stream.claimed) == ("upload-1", 2, 2)
+    assert stream.key is (previous if created_under == "previous" else None)  # None: the current key
