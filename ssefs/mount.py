@@ -153,7 +153,7 @@ def keep_large_buffers_in_the_heap() -> bool:
 
     By default it maps each such buffer fresh and unmaps it when freed (or trims the heap back), so
     every block sealed, read back or uploaded paid for page faults, zeroed pages and TLB flushes
-    across the daemon's threads: 2.3-5.5 s of system CPU per GiB written, against 2.2-3.6 s with this
+    across the daemon's threads: 3.5-5.5 s of system CPU per GiB written, against 2.3-3.6 s with this
     (1 GiB written until durable: 0.60-0.77 of boto3's multipart upload against 0.70-0.82, five
     alternating pairs; docs/benchmarks.md). The price is freed heap kept resident: the suite's RSS
     peak went from 158-164 to 185-193 MiB. Keeping only 16 or 32 MiB brought the page faults of
