@@ -1,10 +1,13 @@
-"""Benchmark: write one large file through ssefs and watch the daemon's memory.
+"""Benchmark: write one large file through ssefs and read it back, watching the daemon's memory.
 
 Starts a local SeaweedFS (HTTPS), mounts ssefs on it, writes SIZE bytes of
 random data with one sequential writer, fsyncs (so the time includes the
-upload), and samples the daemon's RSS every 100 ms throughout. For comparison
-it uploads the same number of bytes straight from memory with boto3 multipart
-(same part size and concurrency) against the same server in the same run.
+upload), and samples the daemon's RSS every 100 ms throughout. Then it mounts
+again and reads the whole file back with one sequential reader (kernel page
+cache dropped first), checking every byte, again sampling the RSS. For
+comparison it uploads the same number of bytes straight from memory with boto3
+multipart (same part size and concurrency) against the same server in the same
+run.
 
     .venv/bin/python bench/write_rss.py --size 4GiB --cache 1GiB
 
@@ -62,6 +65,34 @@ class RssSampler(threading.Thread):
         self.join()
 
 
+def start_daemon(config: Path, mountpoint: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``ssefs mount`` in the foreground; returns once it is ready."""
+    read_end, write_end = os.pipe()
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "ssefs", "mount", str(config), str(mountpoint), "--ready-fd", str(write_end),
+         "--log-file", str(log)],
+        pass_fds=(write_end,),
+    )
+    os.close(write_end)
+    with os.fdopen(read_end) as ready:
+        assert ready.readline().strip() == "READY", f"mount failed; see {log}"
+    return daemon
+
+
+def stop_daemon(daemon: subprocess.Popen[bytes], mountpoint: Path) -> None:
+    """Unmount, and wait for the daemon to upload what is left and exit."""
+    subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
+    daemon.wait(timeout=600)
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        sys.stderr.write("(not root: the read-back may find pages in the kernel's cache)\n")
+
+
 def progress(done: int, total: int, started: float) -> None:
     rate = done / max(time.monotonic() - started, 1e-6) / 2**20
     sys.stderr.write(f"\r  {done / 2**20:8.0f} / {total / 2**20:.0f} MiB  {rate:6.1f} MiB/s")
@@ -95,15 +126,7 @@ def main() -> None:
         config.chmod(0o600)
         mountpoint = work / "mnt"
         mountpoint.mkdir()
-        read_end, write_end = os.pipe()
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "ssefs", "mount", str(config), str(mountpoint), "--ready-fd", str(write_end),
-             "--log-file", str(work / "ssefs.log")],
-            pass_fds=(write_end,),
-        )
-        os.close(write_end)
-        with os.fdopen(read_end) as ready:
-            assert ready.readline().strip() == "READY", "mount failed; see " + str(work / "ssefs.log")
+        daemon = start_daemon(config, mountpoint, work / "ssefs.log")
         sampler = RssSampler(daemon.pid)
         sampler.start()
         results["rss_idle_bytes"] = rss_bytes(daemon.pid)
@@ -125,8 +148,35 @@ def main() -> None:
         results["ssefs_durable_seconds"] = round(durable_at - started, 2)
         results["ssefs_durable_mib_s"] = round(size / 2**20 / (durable_at - started), 1)
         results["rss_peak_bytes"] = sampler.peak
-        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
-        daemon.wait(timeout=600)
+        stop_daemon(daemon, mountpoint)
+
+        # Read back through a new mount: what the cache kept (at most its max_size) plus GETs for the rest.
+        daemon = start_daemon(config, mountpoint, work / "ssefs-read.log")
+        drop_page_cache()
+        sampler = RssSampler(daemon.pid)
+        sampler.start()
+        sys.stderr.write(f"ssefs: reading {args.size} back\n")
+        started = time.monotonic()
+        with open(mountpoint / "big.bin", "rb", buffering=0) as source:
+            checked = 0
+            while checked < size:
+                chunk = source.read(CHUNK)
+                start = checked % CHUNK  # the file is ``block`` over and over; a read may come back short
+                expected = block[start:start + len(chunk)]
+                if len(expected) < len(chunk):
+                    expected += block[:len(chunk) - len(expected)]
+                if chunk != expected or not chunk:
+                    raise AssertionError(f"big.bin differs at or after byte {checked} ({len(chunk)} bytes read)")
+                checked += len(chunk)
+                if checked % (256 * 2**20) == 0:
+                    progress(checked, size, started)
+        read_seconds = time.monotonic() - started
+        sys.stderr.write("\n")
+        sampler.stop()
+        results["ssefs_read_seconds"] = round(read_seconds, 2)
+        results["ssefs_read_mib_s"] = round(size / 2**20 / read_seconds, 1)
+        results["rss_read_peak_bytes"] = sampler.peak
+        stop_daemon(daemon, mountpoint)
 
         sys.stderr.write("boto3: multipart upload of the same size from memory\n")
         client = endpoint.client()
@@ -171,6 +221,8 @@ def main() -> None:
     print(f"{'ssefs / limit':>28}: {results['ratio_ssefs_to_boto3']}")
     print(f"{'daemon RSS idle / peak':>28}: {int(results['rss_idle_bytes']) / mib:.0f} / "
           f"{int(results['rss_peak_bytes']) / mib:.0f} MiB")
+    print(f"{'ssefs read back (checked)':>28}: {results['ssefs_read_seconds']} s "
+          f"({results['ssefs_read_mib_s']} MiB/s); daemon RSS peak {int(results['rss_read_peak_bytes']) / mib:.0f} MiB")
 
 
 if __name__ == "__main__":
