@@ -11,8 +11,6 @@ anything is mounted. No business logic lives here.
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -34,18 +32,13 @@ from .config import Config
 from .errors import NotEncrypted, ServerUnavailable, StartupCheckError, WrongKey
 from .fs import Operations
 from .keys import KeyRing
+from .memory import give_back_memory_when_idle, keep_large_buffers_in_the_heap
 from .metadata import StoredKeyIndex, XattrSealer
 from .store import ObjectStore
 from .uploader import abort_unfinished_uploads
 from .vfs import Filesystem
 
 log = logging.getLogger(__name__)
-
-# glibc mallopt parameters, and the values ssefs sets (see keep_large_buffers_in_the_heap).
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
-TRIM_THRESHOLD_BYTES = 64 * 1024 * 1024
 
 # How many keys to list when looking for one real object to test the key on.
 KEY_CHECK_SAMPLE = 50
@@ -148,27 +141,6 @@ def _notify_systemd(message: str) -> None:
         log.warning("could not send %s to systemd on NOTIFY_SOCKET %s: %s", message, address, error.strerror or error)
 
 
-def keep_large_buffers_in_the_heap() -> bool:
-    """Have glibc's malloc serve blocks and parts (1-32 MiB) from its heap, keeping up to 64 MiB free there.
-
-    By default it maps each such buffer fresh and unmaps it when freed (or trims the heap back), so
-    every block sealed, read back or uploaded paid for page faults, zeroed pages and TLB flushes
-    across the daemon's threads: 3.5-5.5 s of system CPU per GiB written, against 2.3-3.6 s with this
-    (1 GiB written until durable: 0.60-0.77 of boto3's multipart upload against 0.70-0.82, five
-    alternating pairs; docs/benchmarks.md). The price is freed heap kept resident: the suite's RSS
-    peak went from 158-164 to 185-193 MiB. Keeping only 16 or 32 MiB brought the page faults of
-    ``tests/test_malloc.py``'s churn back to the default's.
-    Returns whether it was set (not on a C library without ``mallopt``).
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # mallopt answers 1 on success.
-    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
-
-
 def set_kernel_read_ahead(device: int, size: int) -> None:
     """Set the kernel's read-ahead for our mount (``read_ahead_kb`` of its backing device).
 
@@ -266,6 +238,7 @@ async def serve(
             await nursery.start(cache.remove_dropped_files)
             filesystem.background = filesystem.streams.nursery = nursery
             nursery.start_soon(_report_status, state, status)
+            nursery.start_soon(give_back_memory_when_idle)
             nursery.start_soon(_announce_when_live, mountpoint, config, on_ready)
             await pyfuse3.main()
             unmounted = True
