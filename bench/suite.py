@@ -68,7 +68,7 @@ import trio
 from botocore.config import Config as BotoConfig
 from peers import PEERS, Peer, PeerError, S3Target  # bench/ is on sys.path when a script here runs
 from tqdm import tqdm
-from write_rss import rss_bytes
+from write_rss import expected_bytes, read_file_checked, rss_bytes
 
 from ssefs.config import S3Settings
 from ssefs.keys import SseKey
@@ -177,18 +177,6 @@ def note(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def expected_bytes(block: bytes, offset: int, length: int) -> bytes:
-    """The bytes at ``offset`` of an object made of ``block`` repeated (block is CHUNK long)."""
-    out = bytearray()
-    while length:
-        start = offset % len(block)
-        piece = block[start:start + length]
-        out += piece
-        offset += len(piece)
-        length -= len(piece)
-    return bytes(out)
-
-
 def beside(through_mount: Callable[[], None], direct: Callable[[], float]) -> tuple[float, float, float]:
     """Run ``through_mount`` in a thread while ``direct`` (a boto3 transfer returning its seconds) runs
     here; returns the seconds of each and of both together (until the later one ended)."""
@@ -223,30 +211,6 @@ def write_repeated(path: Path, size: int, block: bytes, progress: tqdm | None = 
             written += count
             if progress is not None:
                 progress.update(count)
-
-
-def read_file_checked(path: Path, size: int, block: bytes, progress: tqdm | None = None) -> None:
-    """Read ``path`` sequentially in CHUNK reads and check every byte against the repeated block."""
-    buffer = bytearray(CHUNK)
-    offset = 0
-    with open(path, "rb", buffering=0) as source:
-        while True:
-            count = source.readinto(buffer)
-            if not count:
-                break
-            # bytearray == bytes is a memcmp; a memoryview compares item by item, 50x slower
-            # (14 ms per 8 MiB: CPU the reader would take from the filesystem and server).
-            if offset % CHUNK == 0 and count == CHUNK:
-                ok = buffer == block
-            else:
-                ok = buffer[:count] == expected_bytes(block, offset, count)
-            if not ok:
-                raise AssertionError(f"{path}: wrong data at offset {offset}")
-            offset += count
-            if progress is not None:
-                progress.update(count)
-    if offset != size:
-        raise AssertionError(f"{path}: read {offset} bytes, expected {size}")
 
 
 def percentile(values: list[float], fraction: float) -> float:
