@@ -97,6 +97,7 @@ class Operations(pyfuse3.Operations):
         except FsError as error:
             if error.errno != errno.ENOENT:
                 raise
+            log.debug("lookup %r in %d: %s", name, parent_inode, error)
             # Inode 0 tells the kernel to remember "no such name" for entry_timeout,
             # so a build probing for absent files does not ask S3 each time.
             negative = pyfuse3.EntryAttributes()

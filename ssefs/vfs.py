@@ -292,7 +292,7 @@ class Filesystem:
                 answered, listed = True, relisted.entries[name]
         if answered:
             if listed is None:
-                raise FsError(errno.ENOENT)
+                raise FsError(errno.ENOENT, "absent from the listing" if listing is not None else "removed lately")
             if not listed.is_dir and listed.attributes is None:
                 await self._fill_attributes(self.directory_prefix(parent.path), [listed])
             node = self.inodes.node_for(path, is_dir=listed.is_dir)
@@ -312,7 +312,7 @@ class Filesystem:
                 raise
             listed = last.entries.get(name)
             if listed is None:
-                raise FsError(errno.ENOENT) from None
+                raise FsError(errno.ENOENT, "absent from the last listing (server unavailable)") from None
             node = self.inodes.node_for(path, is_dir=listed.is_dir)
             self.inodes.update_from_entry(node, listed)
             return node
@@ -323,7 +323,7 @@ class Filesystem:
                 self.inodes.apply_attributes(node, stored)
             return node
         if found is None:
-            raise FsError(errno.ENOENT)
+            raise FsError(errno.ENOENT, "neither an object nor a prefix (probed)")
         node = self.inodes.node_for(path, is_dir=False)
         listed = DirectoryEntry(name, False, found.size, _nanoseconds(found.mtime), found.etag)
         await self._fill_attributes(self.directory_prefix(parent.path), [listed])
