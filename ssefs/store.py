@@ -65,6 +65,8 @@ T = TypeVar("T")
 
 # S3 returns at most 1000 keys per ListObjectsV2 page.
 LIST_PAGE = 1000
+# A bound on the memory spent remembering which directories have a marker (``keep_directory``).
+MAX_MARKERS_REMEMBERED = 100_000
 
 # A CreateMultipartUpload whose answer was lost may have created an upload anyway (botocore then
 # sends it again). Until the request has an answer, the journal holds a row with this prefix instead
@@ -93,6 +95,8 @@ class Listing:
 
     objects: list[ObjectInfo]
     prefixes: list[str]
+    # Whether the prefix's own directory marker (``dir/``) was among the objects (it is not in ``objects``).
+    has_marker: bool = False
 
 
 def _status(error: botocore.exceptions.ClientError) -> tuple[int, str, str]:
@@ -169,6 +173,8 @@ class ObjectStore:
         self.deletes = DeleteQueue(self.delete_many)
         # Objects seen to be under the current key, while previous keys are configured.
         self._under_current_key: set[str] = set()
+        # Directory markers this mount saw or made: their directories outlive their last object.
+        self._markers: set[str] = set()
         # Whether reading an attributes tag was refused once (warned about once per mount).
         self._tag_read_failed = False
         self._key = self.keys.current
@@ -631,19 +637,24 @@ class ObjectStore:
         def fetch() -> Listing:
             objects: list[ObjectInfo] = []
             prefixes: list[str] = []
+            has_marker = False
             for page in self._list_pages(prefix, delimiter="/"):
                 for common in page.get("CommonPrefixes", ()):
                     prefixes.append(common["Prefix"][len(prefix):].rstrip("/"))
                 for item in page.get("Contents", ()):
                     # A directory marker lists itself as a child of its own prefix.
                     if item["Key"] == prefix:
+                        has_marker = True
                         continue
                     objects.append(_info_from_listing(item))
-            return Listing(objects, prefixes)
+            return Listing(objects, prefixes, has_marker)
 
         deleted = _DeletedKeys(self.deletes, prefix)
         listing = await self._call("ListObjectsV2", prefix, fetch)
-        return Listing([info for info in listing.objects if info.key not in deleted], listing.prefixes)
+        if listing.has_marker:
+            self._saw_marker(prefix)
+        return Listing([info for info in listing.objects if info.key not in deleted], listing.prefixes,
+                       listing.has_marker)
 
     async def list_tree(self, prefix: str) -> list[ObjectInfo]:
         """Every object whose key starts with ``prefix``, at any depth, markers included."""
@@ -652,7 +663,11 @@ class ObjectStore:
             return [_info_from_listing(item) for page in self._list_pages(prefix) for item in page.get("Contents", ())]
 
         deleted = _DeletedKeys(self.deletes, prefix)
-        return [info for info in await self._call("ListObjectsV2", prefix, fetch) if info.key not in deleted]
+        tree = [info for info in await self._call("ListObjectsV2", prefix, fetch) if info.key not in deleted]
+        for info in tree:
+            if info.key.endswith("/"):
+                self._saw_marker(info.key)
+        return tree
 
     async def first_object_with_prefix(self, prefix: str) -> ObjectInfo | None:
         """The lexicographically first object whose key starts with ``prefix``, if any."""
@@ -697,7 +712,10 @@ class ObjectStore:
 
         async def probe_directory() -> None:
             nonlocal is_directory
-            is_directory = bool(await self.keys_with_prefix(object_key + "/", 1))
+            first = await self.keys_with_prefix(object_key + "/", 1)
+            is_directory = bool(first)
+            if first == [object_key + "/"]:
+                self._saw_marker(first[0])
 
         try:
             async with trio.open_nursery() as nursery:
@@ -736,11 +754,34 @@ class ObjectStore:
     async def put_directory_marker(self, prefix: str) -> None:
         """Create the empty ``dir/`` object that marks a directory."""
         await self.deletes.settle(prefix)
+        await self._put_marker(prefix)
+
+    async def keep_directory(self, prefix: str) -> None:
+        """Before something leaves the directory ``prefix``: give it a marker unless it is known to have one.
+
+        S3 has no directories: one without a marker exists only while an
+        object is under it, and goes with its last one (AWS at once,
+        SeaweedFS's empty-folder cleaner minutes later), where POSIX keeps an
+        emptied directory until ``rmdir``. Deletes of files see to it here
+        (``delete_many``); ``rmdir`` and ``rename`` of a directory call it.
+        """
+        if prefix not in self._markers:
+            # Not settled first like a new directory: this one exists (something is still in it), and from
+            # inside ``delete_many`` that would wait for the very batch being sent.
+            await self._put_marker(prefix)
+
+    async def _put_marker(self, prefix: str) -> None:
         await self._call(
             "PutObject",
             prefix,
             functools.partial(self._client.put_object, Bucket=self.bucket, Key=prefix, Body=b"", **self._sse),
         )
+        self._saw_marker(prefix)
+
+    def _saw_marker(self, prefix: str) -> None:
+        if len(self._markers) >= MAX_MARKERS_REMEMBERED:
+            self._markers.clear()  # forgotten ones cost one PUT of their marker again, when next needed
+        self._markers.add(prefix)
 
     async def create_multipart(self, object_key: str, metadata: dict[str, str] | None = None) -> str:
         """Start a multipart upload, journaled from before the request so a lost answer orphans nothing."""
@@ -931,7 +972,14 @@ class ObjectStore:
         self.deletes.add(object_key)
 
     async def delete_many(self, object_keys: list[str]) -> dict[str, str]:
-        """Delete up to 1,000 objects in one request; returns the reason for each that was not deleted."""
+        """Delete up to 1,000 objects in one request; returns the reason for each that was not deleted.
+        The directories they leave get their markers first (``keep_directory``); if that fails, so does this."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for prefix in {key[:key.rstrip("/").rfind("/") + 1] for key in object_keys} - {""}:
+                    nursery.start_soon(self.keep_directory, prefix)
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
 
         def send() -> Any:
             return self._client.delete_objects(
@@ -954,6 +1002,7 @@ class ObjectStore:
         if self.key_index.get(object_key) is not None:
             self.key_index.forget(object_key)
         self._under_current_key.discard(object_key)
+        self._markers.discard(object_key)
 
     def _refuse_pending(self, operation: str, object_key: str) -> None:
         if self.deletes.is_pending(object_key):

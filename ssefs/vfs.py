@@ -885,6 +885,7 @@ class Filesystem:
                      if key not in (prefix, prefix + SIDECAR_NAME)]
         if remaining or self._has_unuploaded_under(prefix):
             raise FsError(errno.ENOTEMPTY)
+        await self._keep_directory(node.parent_path)
         for key in (prefix + SIDECAR_NAME, prefix):
             try:
                 await self.store.delete(key)
@@ -893,6 +894,12 @@ class Filesystem:
         await self.directory_attributes.set(self.directory_prefix(node.parent_path), node.name, None)
         self.inodes.invalidate_listing(node.path)
         self.inodes.remove_path(node.path)
+
+    async def _keep_directory(self, path: str) -> None:
+        """A subdirectory is about to leave the directory ``path``: it must not vanish with its last child
+        (files leave through the delete queue, which sees to it: ``store.delete_many``)."""
+        if path:  # the mount's root needs no marker
+            await self.store.keep_directory(self.directory_prefix(path))
 
     def _has_unuploaded_under(self, prefix: str) -> bool:
         """Whether the cache holds a file under ``prefix`` with changes not uploaded yet."""
@@ -984,6 +991,8 @@ class Filesystem:
         if node.is_dir:
             if (target_path + "/").startswith(node.path + "/"):
                 raise FsError(errno.EINVAL)  # into itself
+            if node.parent_path != target_parent.path:
+                await self._keep_directory(node.parent_path)
             await self._rename_directory(node, target_path, replacing=target)
             return
         old_key, new_key = self.object_key(node.path), self.object_key(target_path)

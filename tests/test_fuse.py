@@ -217,6 +217,62 @@ def test_implicit_directories_markers_and_rename(
     assert (mnt / "renamed-dir" / "moved.txt").read_bytes() == b"deep"
 
 
+def emptied_implicit_directories(s3: Any, bucket: str, key_bytes: bytes, mnt: Path) -> list[str]:
+    """Directories another tool made implicitly (no marker), each emptied through the mount in one of the
+    four ways something leaves a directory; returns their names."""
+    for key in ("unlinked/only.txt", "moved-from/only.txt", "sub-removed/sub/", "dir-moved/sub/inner.txt"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x", **sse_params(key_bytes))
+    os.unlink(mnt / "unlinked" / "only.txt")
+    os.rename(mnt / "moved-from" / "only.txt", mnt / "moved.txt")
+    os.rmdir(mnt / "sub-removed" / "sub")
+    os.rename(mnt / "dir-moved" / "sub", mnt / "moved-dir")
+    fsync_directory(mnt)
+    return ["dir-moved", "moved-from", "sub-removed", "unlinked"]
+
+
+def test_emptied_directories_stay_until_rmdir(
+    config_file: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes
+) -> None:
+    # S3 drops a directory without a marker with its last object (AWS at once, SeaweedFS minutes later);
+    # POSIX keeps it until rmdir. What the server holds decides, so each must now have its marker.
+    mount = mount_ssefs(config_file)
+    emptied = emptied_implicit_directories(s3, bucket, key_bytes, mount.mountpoint)
+    for name in emptied:
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=name + "/")
+        assert [item["Key"] for item in listed.get("Contents", [])] == [name + "/"]
+    assert mount.stop() == 0
+    mnt = mount_ssefs(config_file).mountpoint
+    assert sorted(os.listdir(mnt)) == sorted([*emptied, "moved-dir", "moved.txt"])
+    for name in emptied:
+        assert os.listdir(mnt / name) == []
+        os.rmdir(mnt / name)
+    fsync_directory(mnt)
+    assert sorted(item["Key"] for item in s3.list_objects_v2(Bucket=bucket).get("Contents", [])) == [
+        "moved-dir/", "moved-dir/inner.txt", "moved.txt"]
+
+
+@pytest.mark.slow
+def test_emptied_directories_outlive_the_servers_empty_folder_cleanup(
+    config_file: Path, mount_ssefs: MountFactory, s3: Any, bucket: str, key_bytes: bytes
+) -> None:
+    # SeaweedFS deletes a folder left empty and without a marker two minutes or more after its last delete.
+    mount = mount_ssefs(config_file)
+    emptied = emptied_implicit_directories(s3, bucket, key_bytes, mount.mountpoint)
+    s3.put_object(Bucket=bucket, Key="control/only.txt", Body=b"x", **sse_params(key_bytes))
+    s3.delete_object(Bucket=bucket, Key="control/only.txt")  # emptied by another tool: it does go
+    deadline = time.monotonic() + 240
+    while "control/" in prefixes_at_top(s3, bucket) and time.monotonic() < deadline:
+        time.sleep(5)
+    assert "control/" not in prefixes_at_top(s3, bucket), "the server kept an empty folder: nothing was tested"
+    assert mount.stop() == 0
+    mnt = mount_ssefs(config_file).mountpoint
+    assert sorted(os.listdir(mnt)) == sorted([*emptied, "moved-dir", "moved.txt"])
+
+
+def prefixes_at_top(s3: Any, bucket: str) -> list[str]:
+    return [common["Prefix"] for common in s3.list_objects_v2(Bucket=bucket, Delimiter="/").get("CommonPrefixes", [])]
+
+
 def test_prefix_mount_sees_only_its_folder(
     tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, mount_ssefs: MountFactory,
     s3: Any, key_bytes: bytes,
