@@ -974,12 +974,14 @@ class ObjectStore:
     async def delete_many(self, object_keys: list[str]) -> dict[str, str]:
         """Delete up to 1,000 objects in one request; returns the reason for each that was not deleted.
         The directories they leave get their markers first (``keep_directory``); if that fails, so does this."""
-        try:
-            async with trio.open_nursery() as nursery:
-                for prefix in {key[:key.rstrip("/").rfind("/") + 1] for key in object_keys} - {""}:
-                    nursery.start_soon(self.keep_directory, prefix)
-        except BaseExceptionGroup as group:
-            raise unwrap_group(group) from None
+        unmarked = {key[:key.rstrip("/").rfind("/") + 1] for key in object_keys} - {""} - self._markers
+        if unmarked:
+            try:
+                async with trio.open_nursery() as nursery:
+                    for prefix in unmarked:
+                        nursery.start_soon(self.keep_directory, prefix)
+            except BaseExceptionGroup as group:
+                raise unwrap_group(group) from None
 
         def send() -> Any:
             return self._client.delete_objects(

@@ -110,6 +110,38 @@ async def test_listing_probe_and_markers(endpoint: SeaweedEndpoint, bucket: str,
     assert found is None and not is_dir
 
 
+async def test_deletes_give_a_directory_a_marker_only_where_none_is_known(
+    endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = make_store(endpoint, bucket, sse_key)
+    for key in ("made/f", "listed/f", "probed/f", "tree/sub/f", "other/f", "other/g", "top"):
+        await store.put(key, b"x")
+    for prefix in ("listed/", "probed/", "tree/sub/"):
+        await store._put_marker(prefix)  # by another tool: this store has not seen them
+    store = make_store(endpoint, bucket, sse_key)
+    await store.put_directory_marker("made/")
+    assert (await store.list_children("listed/")).has_marker
+    assert (await store.probe("probed"))[1]
+    await store.list_tree("tree/")
+    written: list[str] = []
+    put_marker = store._put_marker
+
+    async def counted(prefix: str) -> None:
+        written.append(prefix)
+        await put_marker(prefix)
+
+    monkeypatch.setattr(store, "_put_marker", counted)
+    assert await store.delete_many(["made/f", "listed/f", "probed/f", "tree/sub/f", "other/f", "top"]) == {}
+    assert written == ["other/"]  # the only directory not known to have a marker; the top needs none
+    assert await store.delete_many(["other/g"]) == {}
+    assert written == ["other/"]  # known now
+    for prefix in ("made/", "listed/", "probed/", "tree/sub/", "other/"):
+        assert await store.keys_with_prefix(prefix, 5) == [prefix]  # each directory still there, empty
+    await store.delete("other/")
+    await store.keep_directory("other/")
+    assert written == ["other/", "other/"]  # a marker deleted is no longer known
+
+
 async def test_multipart_upload_and_copy(endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey,
                                          key_bytes: bytes, s3: Any) -> None:
     store = make_store(endpoint, bucket, sse_key)
