@@ -262,13 +262,12 @@ def _start_background(
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
-def umount(mountpoint: Path) -> None:
+# Not click.Path: it would stat the mount point, which waits for a stuck daemon (see _state_file_of).
+@click.argument("mountpoint_arg", metavar="MOUNTPOINT")
+def umount(mountpoint_arg: str) -> None:
     """Unmount MOUNTPOINT and wait until its daemon has uploaded everything and exited."""
-    from .mount import state_file
-
-    mountpoint = mountpoint.absolute()
-    state = state_file(mountpoint)
+    mountpoint = Path(mountpoint_arg).absolute()
+    state = _state_file_of(mountpoint)
     pid: int | None = None
     try:
         pid = int(json.loads(state.read_text())["pid"])
@@ -283,6 +282,15 @@ def umount(mountpoint: Path) -> None:
             time.sleep(0.1)
         if _alive(pid):
             fail(f"unmounted {mountpoint}, but daemon {pid} is still uploading; it will finish on its own")
+
+
+def _state_file_of(mountpoint: Path) -> Path:
+    """The state file of the daemon serving ``mountpoint``, found without a stat of the mount point (which
+    would wait for that daemon) unless ``mountpoint`` is a symlink to it."""
+    from .mount import state_file
+
+    state = state_file(mountpoint)
+    return state if state.exists() else state_file(mountpoint.resolve())
 
 
 def _alive(pid: int) -> bool:
@@ -300,19 +308,29 @@ def _alive(pid: int) -> bool:
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+# Not click.Path: it would stat the mount point, which waits for a stuck daemon (see _state_file_of).
+@click.argument("mountpoint_arg", metavar="MOUNTPOINT")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
-def status(mountpoint: Path, as_json: bool) -> None:
+def status(mountpoint_arg: str, as_json: bool) -> None:
     """Show what the daemon serving MOUNTPOINT is doing: cache use, dirty data, uploads, errors."""
-    from .mount import state_file
+    from .mount import STATUS_INTERVAL_SECONDS
 
-    mountpoint = mountpoint.absolute()
-    try:
-        state = json.loads(state_file(mountpoint).read_text())
-    except (OSError, ValueError):
-        fail(f"no ssefs daemon is serving {mountpoint}")
-    if not _alive(int(state["pid"])):
-        fail(f"the ssefs daemon for {mountpoint} (pid {state['pid']}) is gone; remount to recover its cache")
+    mountpoint = Path(mountpoint_arg).absolute()
+    state_path = _state_file_of(mountpoint)
+    asked = time.time()
+    # The daemon rewrites its status once a second: wait for one written after this call, so that what
+    # is shown includes, say, the upload an fsync just finished.
+    deadline = time.monotonic() + 1.5 * STATUS_INTERVAL_SECONDS
+    while True:
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            fail(f"no ssefs daemon is serving {mountpoint}")
+        if not _alive(int(state["pid"])):
+            fail(f"the ssefs daemon for {mountpoint} (pid {state['pid']}) is gone; remount to recover its cache")
+        if state.get("updated_at", 0) >= asked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     if as_json:
         click.echo(json.dumps(state, indent=2))
         return
@@ -335,6 +353,9 @@ def status(mountpoint: Path, as_json: bool) -> None:
                                f"{format_size(state.get('streams_parked_bytes', 0))} parked"),
         ("last upload error", state["last_upload_error"] or "none"),
     ]
+    if state.get("updated_at", 0) < asked:
+        rows.append(("as of", f"{asked - state.get('updated_at', 0):.0f} s ago: the daemon has not refreshed it since "
+                              "(busy, or stuck)"))
     if state.get("read_only"):
         rows.insert(4, ("mode", "read-only"))
     for label, value in rows:

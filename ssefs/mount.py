@@ -73,8 +73,14 @@ def runtime_dir() -> Path:
 
 
 def state_file(mountpoint: Path) -> Path:
-    """Where the daemon serving ``mountpoint`` records its pid (for ``ssefs umount``)."""
-    digest = hashlib.sha256(str(mountpoint.resolve()).encode()).hexdigest()[:16]
+    """Where the daemon serving ``mountpoint`` records its pid and status (``ssefs umount``, ``ssefs status``).
+
+    Only the mount point's directory is resolved, not the mount point: a stat of it waits for the daemon
+    serving it, which may be the one stuck, and these two commands are what one runs then. (The daemon
+    passes its mount point resolved in full, so a symlink to it is found too: see ``cli``.)
+    """
+    absolute = Path(os.path.abspath(mountpoint))
+    digest = hashlib.sha256(str(absolute.parent.resolve() / absolute.name).encode()).hexdigest()[:16]
     return runtime_dir() / f"{digest}.json"
 
 
@@ -217,7 +223,7 @@ async def serve(
     operations = Operations(filesystem)
     # Resolved before mounting: once mounted, touching the mount point from this
     # thread would wait for our own, not yet running, request loop.
-    state = state_file(mountpoint)
+    state = state_file(mountpoint.resolve())
     status = StatusReport(config, keys, mountpoint, filesystem, RecentProblems())
     logging.getLogger().addHandler(status.problems)
     pyfuse3.init(operations, str(mountpoint), mount_options(config))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -61,12 +62,25 @@ def test_close_returns_before_upload_fsync_is_durable_unmount_flushes(
         # fsync returned: the object is in S3 although the file is still open.
         assert server_bytes(s3, bucket, "synced.txt", key_bytes) == b"durable now"
 
-    time.sleep(1.5)  # the daemon refreshes its status once a second
+    # At once: the daemon rewrites its status once a second, and `ssefs status` waits for one written
+    # after it was asked, so the upload the fsync just finished shows.
     status = subprocess.run(ssefs_command("status", str(mnt)), capture_output=True, text=True, timeout=30)
     assert status.returncode == 0, status.stderr
     assert "dirty: 1 file(s)" in status.stdout, status.stdout
     assert "uploaded: 1 file(s)" in status.stdout, status.stdout
-    assert mount.log() and "key fingerprint" in status.stdout
+    assert mount.log() and "key fingerprint" in status.stdout and "as of" not in status.stdout
+    # A daemon that cannot refresh it (stopped here): the last status, said to be old, without a long wait.
+    mount.process.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(1.2)
+        started = time.monotonic()
+        status = subprocess.run(ssefs_command("status", str(mnt)), capture_output=True, text=True, timeout=30)
+        waited = time.monotonic() - started
+    finally:
+        mount.process.send_signal(signal.SIGCONT)
+    assert status.returncode == 0, status.stderr
+    assert "as of: " in status.stdout and "s ago: the daemon has not refreshed it" in status.stdout, status.stdout
+    assert waited < 10, waited
 
     assert mount.stop() == 0  # unmount uploads what is left before the daemon exits
     assert server_bytes(s3, bucket, "later.txt", key_bytes) == b"written back later"
