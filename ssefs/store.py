@@ -175,6 +175,8 @@ class ObjectStore:
         self._under_current_key: set[str] = set()
         # Directory markers this mount saw or made: their directories outlive their last object.
         self._markers: set[str] = set()
+        # Directories about to be removed (rmdir, rename): the deletes under them need not keep them.
+        self._leaving: set[str] = set()
         # Whether reading an attributes tag was refused once (warned about once per mount).
         self._tag_read_failed = False
         self._key = self.keys.current
@@ -778,6 +780,15 @@ class ObjectStore:
         )
         self._saw_marker(prefix)
 
+    async def flush_deletes_before_removing(self, prefix: str) -> None:
+        """Send the deletes pending under the directory ``prefix``, which is itself about to be removed
+        (rmdir, the rename of a directory): no marker is written to keep it or anything below it."""
+        self._leaving.add(prefix)
+        try:
+            await self.deletes.flush(prefix)
+        finally:
+            self._leaving.discard(prefix)
+
     def _saw_marker(self, prefix: str) -> None:
         if len(self._markers) >= MAX_MARKERS_REMEMBERED:
             self._markers.clear()  # forgotten ones cost one PUT of their marker again, when next needed
@@ -974,7 +985,9 @@ class ObjectStore:
     async def delete_many(self, object_keys: list[str]) -> dict[str, str]:
         """Delete up to 1,000 objects in one request; returns the reason for each that was not deleted.
         The directories they leave get their markers first (``keep_directory``); if that fails, so does this."""
-        unmarked = {key[:key.rstrip("/").rfind("/") + 1] for key in object_keys} - {""} - self._markers
+        leaving = tuple(self._leaving)
+        unmarked = {prefix for prefix in {key[:key.rstrip("/").rfind("/") + 1] for key in object_keys}
+                    if prefix and prefix not in self._markers and not prefix.startswith(leaving)}
         if unmarked:
             try:
                 async with trio.open_nursery() as nursery:

@@ -876,7 +876,7 @@ class Filesystem:
             raise FsError(errno.ENOTDIR)
         prefix = self.directory_prefix(node.path)
         # The deletes of its files land first, so the directory does not outlive them in S3.
-        await self.store.deletes.flush(prefix)
+        await self.store.flush_deletes_before_removing(prefix)
         # Asked before the listing too: an upload that lands while the listing is on its way turns
         # its file clean, and the listing may still not show it.
         if self._has_unuploaded_under(prefix):
@@ -1146,7 +1146,7 @@ class Filesystem:
             if not info.key.endswith("/"):
                 self.store.delete_later(info.key)
                 self.metadata.forget(info.key)
-        await self.store.deletes.flush(old_prefix)
+        await self.store.flush_deletes_before_removing(old_prefix)
 
         async def delete_one(key: str) -> None:
             try:

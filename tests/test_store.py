@@ -114,7 +114,7 @@ async def test_deletes_give_a_directory_a_marker_only_where_none_is_known(
     endpoint: SeaweedEndpoint, bucket: str, sse_key: SseKey, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     store = make_store(endpoint, bucket, sse_key)
-    for key in ("made/f", "listed/f", "probed/f", "tree/sub/f", "other/f", "other/g", "top"):
+    for key in ("made/f", "listed/f", "probed/f", "tree/sub/f", "other/f", "other/g", "top", "gone/sub/f"):
         await store.put(key, b"x")
     for prefix in ("listed/", "probed/", "tree/sub/"):
         await store._put_marker(prefix)  # by another tool: this store has not seen them
@@ -137,6 +137,10 @@ async def test_deletes_give_a_directory_a_marker_only_where_none_is_known(
     assert written == ["other/"]  # known now
     for prefix in ("made/", "listed/", "probed/", "tree/sub/", "other/"):
         assert await store.keys_with_prefix(prefix, 5) == [prefix]  # each directory still there, empty
+    # A directory about to be removed (rmdir, rename) is not kept, nor anything below it.
+    store.delete_later("gone/sub/f")
+    await store.flush_deletes_before_removing("gone/")
+    assert written == ["other/"] and await store.keys_with_prefix("gone/", 5) == []
     await store.delete("other/")
     await store.keep_directory("other/")
     assert written == ["other/", "other/"]  # a marker deleted is no longer known
