@@ -874,7 +874,7 @@ class ObjectStore:
             object_key,
             functools.partial(
                 self._client.upload_part, Bucket=self.bucket, Key=object_key, UploadId=upload_id,
-                PartNumber=part_number, Body=data, **(key or self._key).sse_params(),
+                PartNumber=part_number, Body=data, **(self._sse if key is None else key.sse_params()),
             ),
         )
         self._check_echo("UploadPart", object_key, response, key=key)
