@@ -251,8 +251,6 @@ class Entry:
     owner_uid: int | None = None
     owner_gid: int | None = None
     sealed_xattrs: str | None = None
-    # The entry's row as the last ``sync`` made it durable: a sync with nothing new skips the fsyncs.
-    durable_row: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
     # The entry's row as last written: saving it unchanged again is skipped (each commit costs ~50 µs).
     saved_row: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
     # The bytes below this were sent as parts of the entry's open multipart upload and left the cache.
@@ -322,11 +320,15 @@ class BlockCache:
         self._dropped_rows: dict[str, int] = {}
         os.chmod(self.directory / "journal.sqlite", 0o600)
         self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: single statements commit without an fsync; ``sync`` and
-        # ``sync_journal`` fsync the write-ahead log, and with it every commit so far.
+        # NORMAL: single statements commit without an fsync; ``make_durable``
+        # fsyncs the write-ahead log, and with it every commit so far.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        # sqlite's count of rows changed at the commit the last ``sync`` made durable.
-        self._changes_when_synced: int | None = None
+        # sqlite's count of rows changed when the last ``make_durable`` pass began: all durable.
+        self._durable_changes = -1
+        # Block files and block directories written but not fsynced yet.
+        self._unsynced_files: set[Path] = set()
+        self._fsync_lock = trio.Lock()
+        self._durability_wanted = trio.Event()
         self._db.executescript(SCHEMA)
         self._add_missing_columns()
         try:
@@ -467,6 +469,8 @@ class BlockCache:
 
     def close(self) -> None:
         self._delete_dropped_rows()
+        if self._unsynced_files or self._db.total_changes != self._durable_changes:
+            self._fsync_all(self._unsynced_files)
         self._db.close()
         self._lock_file.close()
 
@@ -660,7 +664,7 @@ class BlockCache:
         except BaseException:
             entry.parked_bytes, entry.saved_row = before, None  # rolled back: nothing is parked
             raise
-        await self.sync_journal()
+        await self.make_durable()
         for index in doomed:
             self._forget_block(entry, index)
         self._signal_space()
@@ -712,7 +716,7 @@ class BlockCache:
         """New mode, owner or time for a file whose data is not uploaded yet: they go with the upload.
 
         A change of attributes alone is a change to upload, like a write.
-        Committed without an fsync: ``sync_journal`` makes it durable.
+        Committed without an fsync: ``make_durable`` makes it durable.
         """
         entry.set_attributes(attributes)
         entry.generation += 1
@@ -725,48 +729,71 @@ class BlockCache:
             entry.size = size
         entry.mtime_ns = time.time_ns()
 
-    async def sync(self, entry: Entry) -> None:
+    async def sync(self, entry: Entry, *, wait: bool = True) -> None:
         """Make the entry's stored blocks and state durable (close, fsync, before upload).
 
-        The entry's row is committed without an fsync on the trio thread; the
-        worker thread that fsyncs the block files then fsyncs the journal's
-        write-ahead log, which holds that commit (what synchronous=FULL would
-        do, without stalling every other request for it). A sync with nothing
-        new since the last one (release right after flush) does nothing.
+        The entry's row is committed without an fsync on the trio thread (a
+        killed process loses nothing from then on); the fsyncs of its block
+        files and of the journal's write-ahead log, which holds that commit
+        and every earlier one, follow in a worker thread (``make_durable``).
+        ``wait=False`` (``close()``) returns at the commit and leaves the
+        fsyncs to ``keep_durable``, which runs them at once in the background:
+        a power cut can then lose only what was closed during the last fsync,
+        as on a local filesystem, without ``close()`` waiting for the disk.
         """
-        paths = [self._block_path(entry.id, index) for index in entry.unsynced]  # file blocks only
+        for index in entry.unsynced:  # file blocks only: inline ones are in the journal's log
+            self._unsynced_files.add(self._block_path(entry.id, index))
+        if entry.unsynced:
+            self._unsynced_files.add(self.blocks_dir / str(entry.id))
         entry.unsynced.clear()
-        row = self._entry_row(entry)
-        if not paths and row == entry.durable_row and self._db.total_changes == self._changes_when_synced:
-            return
         self._save_entry(entry)
-        changes_committed = self._db.total_changes
+        if wait:
+            await self.make_durable()
+        elif self._unsynced_files or self._db.total_changes != self._durable_changes:
+            self._durability_wanted.set()
 
-        def fsync_all() -> None:
-            for path in paths:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue  # dropped since (truncated away)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            if paths:
-                directory_fd = os.open(self.blocks_dir / str(entry.id), os.O_RDONLY)
-                try:
-                    os.fsync(directory_fd)
-                finally:
-                    os.close(directory_fd)
-            self._fsync_journal()
+    async def make_durable(self) -> None:
+        """Fsync every block file and commit made so far, in a worker thread.
 
-        await trio.to_thread.run_sync(fsync_all)
-        entry.durable_row = row
-        self._changes_when_synced = changes_committed
+        A group commit: one pass at a time, and a caller whose commits a pass
+        that started after them already covered returns without a pass of its own.
+        """
+        wanted = self._db.total_changes
+        async with self._fsync_lock:
+            if not self._unsynced_files and self._durable_changes == wanted:
+                return
+            paths, self._unsynced_files = self._unsynced_files, set()
+            reached = self._db.total_changes
+            try:
+                await trio.to_thread.run_sync(self._fsync_all, paths)
+            except BaseException:
+                self._unsynced_files |= paths
+                raise
+            self._durable_changes = reached
 
-    async def sync_journal(self) -> None:
-        """Make every commit so far durable (in a worker thread, so nothing else waits for it)."""
-        await trio.to_thread.run_sync(self._fsync_journal)
+    async def keep_durable(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the fsyncs that ``sync(wait=False)`` left, as soon as they are left (off the request path)."""
+        task_status.started()
+        while True:
+            await self._durability_wanted.wait()
+            self._durability_wanted = trio.Event()
+            try:
+                await self.make_durable()
+            except OSError as error:
+                log.error("cannot make the cache durable (retried with the next close or upload): %s", error)
+
+    def _fsync_all(self, paths: set[Path]) -> None:
+        # Block files before the directories holding them, then the journal's log.
+        for path in sorted(paths, key=lambda path: path.parent == self.blocks_dir):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # dropped since (truncated away, evicted, deleted)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._fsync_journal()
 
     def _fsync_journal(self) -> None:
         # Checkpoints fsync what they copy out of the write-ahead log first, so every commit
@@ -789,7 +816,7 @@ class BlockCache:
                 entry.sealed_xattrs, entry.parked_bytes, entry.id)
 
     def _save_entry(self, entry: Entry, *, size_on_disk: int | None = None) -> None:
-        """Commit the entry's row (no fsync: ``sync`` and ``sync_journal`` make commits durable).
+        """Commit the entry's row (no fsync: ``make_durable`` makes commits durable).
 
         ``size_on_disk``: the most the stored blocks cover when the writer's size already counts a
         block not stored yet (a crash then leaves the file as far as its blocks reached, not padded).
@@ -812,7 +839,7 @@ class BlockCache:
     def mark_uploaded(self, entry: Entry, generation: int, *, etag: str, size: int) -> None:
         """Generation ``generation`` is now the object in S3: its blocks turn clean.
 
-        Committed without an fsync: ``sync_journal`` makes it durable.
+        Committed without an fsync: ``make_durable`` makes it durable.
         """
         entry.uploaded_generation = generation
         entry.base_key = entry.object_key

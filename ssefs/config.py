@@ -120,6 +120,9 @@ class CacheSettings:
     # Seconds between a file's last close and its upload: long enough that an
     # editor's save (write, rename) or tar's create-then-chmod is one upload.
     writeback_delay: float = 3.0
+    # close() waits for the cache's fsync (a power cut then loses nothing closed), instead of
+    # leaving it to the background as a local filesystem does (it loses what closed during it).
+    fsync_on_close: bool = False
 
 
 @dataclass(frozen=True)
@@ -338,6 +341,7 @@ def _build(config_path: Path, document: dict[str, Any]) -> Config:
         dir=_resolve(base, cache_dir) if cache_dir else default_cache_dir(name),
         max_size=parse_size(cache.get("max_size", (str, int), "10GiB"), what="[cache] max_size"),
         writeback_delay=_positive_float(cache, "writeback_delay", 3.0, allow_zero=True),
+        fsync_on_close=cache.get("fsync_on_close", bool, False),
     )
     if cache_settings.max_size < MIN_CACHE_SIZE:
         raise ConfigError("[cache] max_size must be at least 64MiB")

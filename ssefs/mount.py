@@ -242,6 +242,7 @@ async def serve(
             if not config.mount.read_only:
                 await nursery.start(store.deletes.run)
             await nursery.start(cache.remove_dropped_files)
+            await nursery.start(cache.keep_durable)
             filesystem.background = filesystem.streams.nursery = nursery
             nursery.start_soon(_report_status, state, status)
             nursery.start_soon(give_back_memory_when_idle)

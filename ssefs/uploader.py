@@ -380,7 +380,7 @@ class WriteBack:
             self._on_uploaded(entry)
             # Lost in a power cut, the entry would look dirty again and be uploaded once more
             # over whatever another client wrote since.
-            await self.cache.sync_journal()
+            await self.cache.make_durable()
         self._due.pop(entry.id, None)
         log.debug("uploaded %r (%d bytes, generation %d)", entry.object_key, size, generation)
 

@@ -248,7 +248,7 @@ async def test_the_size_saved_with_a_block_sealed_behind_stops_at_that_block(cac
         await cached.write(BLOCK_SIZE, data[BLOCK_SIZE:])
         await cached._settle()  # noqa: SLF001 - the background seals are over; the process "dies" here
         assert entry.size == len(data)
-    await cache.sync_journal()
+    await cache.make_durable()
     cache.close()
     reopened = make_cache(cache_dir)
     again = reopened.entry(OBJECT)
@@ -564,6 +564,47 @@ async def test_a_sync_with_nothing_new_writes_and_fsyncs_nothing(cache_dir: Path
     assert again is not None and again.size == len(b"small file") and again.generation == entry.generation
     assert await CachedFile(reopened, again, FakeS3().fetch_range).read(0, 100) == b"changed" + b"small file"[7:]
     assert reopened.entry(other.object_key) is not None
+    reopened.close()
+
+
+async def test_close_commits_at_once_and_leaves_one_fsync_for_many_to_the_background(
+        cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sync(wait=False), as close() calls it: committed when it returns (a killed process loses
+    nothing), without an fsync; ``keep_durable`` then fsyncs the journal's log once for every close
+    made meanwhile (a group commit), and ``make_durable`` has nothing left to do."""
+    cache = make_cache(cache_dir)
+    entries = []
+    for number in range(20):
+        entry = new_entry(cache, f"small/{number}")
+        cached = CachedFile(cache, entry, FakeS3().fetch_range)
+        await cached.write(0, b"file %d" % number)
+        await cached.seal_hot()
+        entries.append(entry)
+    fsyncs = count_fsyncs(monkeypatch)
+    async with trio.open_nursery() as background:
+        await background.start(cache.keep_durable)
+        for entry in entries:  # twenty close()s while no fsync runs
+            await cache.sync(entry, wait=False)
+        assert fsyncs == []
+        # Another connection, as the next mount after a kill -9 would, finds every close committed.
+        journal = sqlite3.connect(cache_dir / "journal.sqlite")
+        committed = dict(journal.execute("SELECT object_key, size FROM entries"))
+        journal.close()
+        assert committed == {f"small/{number}": len(b"file %d" % number) for number in range(20)}
+        with trio.fail_after(10):
+            while not fsyncs:
+                await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(fsyncs) == 2 * 20 + 1  # each block file and its directory, and the journal's log once
+        await cache.make_durable()
+        assert len(fsyncs) == 2 * 20 + 1
+        background.cancel_scope.cancel()
+    cache.close()
+    reopened = make_cache(cache_dir)
+    for number in range(20):
+        again = reopened.entry(f"small/{number}")
+        assert again is not None and again.dirty
+        assert await CachedFile(reopened, again, FakeS3().fetch_range).read(0, 100) == b"file %d" % number
     reopened.close()
 
 

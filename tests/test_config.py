@@ -90,6 +90,7 @@ def test_minimal_config_loads_with_defaults(tmp_path: Path) -> None:
     assert config.key.describe() == f"key file {tmp_path / 'mount.key'}"
 
     assert config.cache.max_size == 10 * GiB
+    assert config.cache.fsync_on_close is False
     assert config.cache.dir.name == "mount"
     assert config.cache.dir.is_absolute()
 
@@ -158,6 +159,7 @@ max_attempts = 7
 [cache]
 dir = "cache"
 max_size = "512MiB"
+fsync_on_close = true
 
 [mount]
 uid = 1234
@@ -185,6 +187,7 @@ skip_key_check = true
     assert config.s3.max_attempts == 7
     assert config.cache.dir == tmp_path / "cache"
     assert config.cache.max_size == 512 * MiB
+    assert config.cache.fsync_on_close is True
     assert config.mount.uid == 1234
     assert config.mount.gid == 5678
     assert config.mount.file_mode == 0o640
