@@ -261,9 +261,13 @@ def _start_background(
     return 1
 
 
+# A plain string, not click.Path: that would stat the mount point, which waits for a stuck daemon
+# (see _state_file_of), and umount and status are what one runs when a mount hangs.
+MOUNTED_POINT = click.argument("mountpoint_arg", metavar="MOUNTPOINT")
+
+
 @main.command()
-# Not click.Path: it would stat the mount point, which waits for a stuck daemon (see _state_file_of).
-@click.argument("mountpoint_arg", metavar="MOUNTPOINT")
+@MOUNTED_POINT
 def umount(mountpoint_arg: str) -> None:
     """Unmount MOUNTPOINT and wait until its daemon has uploaded everything and exited."""
     mountpoint = Path(mountpoint_arg).absolute()
@@ -308,8 +312,7 @@ def _alive(pid: int) -> bool:
 
 
 @main.command()
-# Not click.Path: it would stat the mount point, which waits for a stuck daemon (see _state_file_of).
-@click.argument("mountpoint_arg", metavar="MOUNTPOINT")
+@MOUNTED_POINT
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 def status(mountpoint_arg: str, as_json: bool) -> None:
     """Show what the daemon serving MOUNTPOINT is doing: cache use, dirty data, uploads, errors."""
