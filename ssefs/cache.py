@@ -85,6 +85,12 @@ from .metadata import NO_ATTRIBUTES, FileAttributes
 
 log = logging.getLogger(__name__)
 
+# How long after a close() the background fsync starts: closes in between share it. Each pass
+# costs the trio thread a worker-thread hand-off; one per close was over a quarter of a small file's
+# create (1,000 creates: 880 files/s with a pass per close, 1,140 with 5 ms, 1,200 with 20 ms).
+# It bounds what a power cut can take from closed files, against a local filesystem's seconds.
+DURABILITY_DELAY_SECONDS = 0.02
+
 # 1 MiB blocks: large enough that per-block overhead (a file, a journal row, a
 # nonce and tag, one encryption call) is negligible, small enough that a random
 # 4 KiB write costs one block's fetch and re-encryption, not more.
@@ -737,8 +743,8 @@ class BlockCache:
         files and of the journal's write-ahead log, which holds that commit
         and every earlier one, follow in a worker thread (``make_durable``).
         ``wait=False`` (``close()``) returns at the commit and leaves the
-        fsyncs to ``keep_durable``, which runs them at once in the background:
-        a power cut can then lose only what was closed during the last fsync,
+        fsyncs to ``keep_durable``, which runs them in the background shortly
+        after: a power cut can then lose only what was closed in those moments,
         as on a local filesystem, without ``close()`` waiting for the disk.
         """
         for index in entry.unsynced:  # file blocks only: inline ones are in the journal's log
@@ -772,10 +778,12 @@ class BlockCache:
             self._durable_changes = reached
 
     async def keep_durable(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the fsyncs that ``sync(wait=False)`` left, as soon as they are left (off the request path)."""
+        """Run the fsyncs that ``sync(wait=False)`` left, ``DURABILITY_DELAY_SECONDS`` after the first
+        of them (off the request path), so that a burst of closes shares one pass."""
         task_status.started()
         while True:
             await self._durability_wanted.wait()
+            await trio.sleep(DURABILITY_DELAY_SECONDS)
             self._durability_wanted = trio.Event()
             try:
                 await self.make_durable()

@@ -780,7 +780,7 @@ class Filesystem:
 
         Like a local filesystem's close, and unlike ``fsync``, it does not wait for the disk (unless
         ``[cache] fsync_on_close``): a killed daemon loses nothing closed, a power cut at most what
-        was closed during the last fsync.
+        was closed in the last 20 ms or so (``cache.DURABILITY_DELAY_SECONDS``).
         """
         entry = self._handle(fh).entry
         if entry is not None and entry.dirty and self.cache.is_live(entry):
