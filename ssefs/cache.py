@@ -27,9 +27,12 @@ clean once generation g has been uploaded; only clean blocks are evicted.
 Crash safety: a block file is written to a temporary name and renamed, and its
 journal row is written after it, so the journal never points at a missing
 block. On close and fsync the caller seals the in-memory hot block and calls
-``sync``, which fsyncs the block files written since and the journal's log,
-which holds the entry's generation and the inline blocks, so after ``kill -9``
-or a power cut every closed or fsynced write is found again. Block files
+``sync``, which commits the entry's generation (after ``kill -9`` every closed
+write is found again), and fsyncs the block files written since and the
+journal's log, which holds that commit and the inline blocks, so that a power
+cut loses nothing either: at once for an upload (``fsync()``), and for a close
+in a pass ``keep_durable`` runs shortly after, shared by the closes in between
+(``[cache] fsync_on_close`` waits for it). Block files
 without a journal row (a crash between the two steps), or whose row now holds
 the block inline, are removed at start.
 

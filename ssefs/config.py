@@ -120,8 +120,8 @@ class CacheSettings:
     # Seconds between a file's last close and its upload: long enough that an
     # editor's save (write, rename) or tar's create-then-chmod is one upload.
     writeback_delay: float = 3.0
-    # close() waits for the cache's fsync (a power cut then loses nothing closed), instead of
-    # leaving it to the background as a local filesystem does (it loses what closed during it).
+    # close() waits for the cache's fsync, so a power cut loses nothing closed; by default it
+    # returns at the commit, as a local filesystem's close() does, and the fsync follows (cache.py).
     fsync_on_close: bool = False
 
 
