@@ -5,8 +5,8 @@ VENV ?= .venv
 PYTHON ?= python3
 MOUNTPOINT ?= $(HOME)/ssefs-demo
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc
-# The real tools the end-to-end tests drive through the mount.
-TEST_APT_PACKAGES := git sqlite3 rsync tar attr systemd mount fio
+# The real tools the end-to-end tests drive through the mount, and strace to watch the daemon's syscalls.
+TEST_APT_PACKAGES := git sqlite3 rsync tar attr systemd mount fio strace
 
 .PHONY: demo test lint deps system-deps clean
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -313,3 +314,63 @@ def test_unmount_while_server_down_keeps_data_for_the_next_mount(
     second = mount_ssefs(config, mountpoint)
     assert "recovered 1 file(s)" in second.log()
     eventually_on_server(s3, bucket, "pending.bin", key_bytes, payload)
+
+
+def _journal_fsyncs_completed(trace: str) -> list[float]:
+    """When each fsync of the cache's journal completed, from ``strace -f -ttt -y -e trace=fsync``."""
+    completed = []
+    unfinished: dict[str, bool] = {}  # pid -> its interrupted fsync is of the journal
+    for line in trace.splitlines():
+        # "PID 1733400000.123456 fsync(12</cache/journal.sqlite-wal>) = 0"; a call that another
+        # thread's interrupted ends "<unfinished ...>" and completes as "PID T <... fsync resumed>) = 0".
+        pid, at, call = line.split(maxsplit=2)
+        if call.startswith("fsync(") and call.endswith("<unfinished ...>"):
+            unfinished[pid] = "journal.sqlite" in call
+            continue
+        if call.startswith("<... fsync resumed>"):
+            of_journal = unfinished.pop(pid, False)
+        else:
+            of_journal = call.startswith("fsync(") and "journal.sqlite" in call
+        if of_journal and call.rstrip().endswith("= 0"):
+            completed.append(float(at))
+    return completed
+
+
+@pytest.mark.parametrize("fsync_on_close", [False, True])
+def test_close_leaves_the_journals_fsync_to_the_background_unless_fsync_on_close(
+    tmp_path: Path, endpoint: SeaweedEndpoint, bucket: str, key_file: Path, mount_ssefs: MountFactory,
+    fsync_on_close: bool,
+) -> None:
+    """close() commits the file to the cache's journal and returns; the fsync that makes it survive
+    a power cut follows in the background, 20 ms later, unless ``[cache] fsync_on_close`` makes
+    close() wait for it. Seen from the outside: when the daemon's fsyncs of the journal complete."""
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed")
+    config = write_config(tmp_path, endpoint, bucket, key_file,
+                          cache_extra=f"writeback_delay = 600\nfsync_on_close = {str(fsync_on_close).lower()}")
+    mount = mount_ssefs(config)
+    (mount.mountpoint / "warm-up.txt").write_bytes(b"first")
+    time.sleep(0.5)  # its background fsync is over
+    trace_file = tmp_path / "fsyncs.trace"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-ttt", "-y", "-e", "trace=fsync", "-o", str(trace_file), "-p", str(mount.process.pid)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert tracer.stderr is not None
+        assert "attached" in tracer.stderr.readline()
+        opened_at = time.time()
+        with open(mount.mountpoint / "closed.txt", "wb") as written:
+            written.write(b"committed at close")
+        closed_at = time.time()
+        time.sleep(0.5)
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=30)
+    completed = _journal_fsyncs_completed(trace_file.read_text())
+    assert completed, trace_file.read_text()  # the close is made durable either way
+    if fsync_on_close:
+        assert any(opened_at < at < closed_at for at in completed), (opened_at, closed_at, completed)
+    else:
+        assert all(at > closed_at for at in completed), (closed_at, completed)
+    assert (mount.mountpoint / "closed.txt").read_bytes() == b"committed at close"
