@@ -24,6 +24,7 @@ huge files so that no upload needs more than S3's 10,000 parts.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -223,7 +224,10 @@ class WriteBack:
         self._cached_file = cached_file
         self._on_uploaded = on_uploaded
         self._on_upload_start = on_upload_start
+        # Entry id -> when its upload falls due; ``_due_order`` is a heap over it, whose pairs that no
+        # longer match it are skipped when they come up (a pass looks at what is due, not at everything).
         self._due: dict[int, float] = {}
+        self._due_order: list[tuple[float, int]] = []
         self._failures: dict[int, int] = {}
         self._in_flight: set[int] = set()
         self._wakeup = trio.Event()
@@ -246,9 +250,13 @@ class WriteBack:
         if entry.unlinked:
             return
         due = trio.current_time() + (self.delay if delay is None else delay)
-        self._due[entry.id] = due
+        self._set_due(entry.id, due)
         if due < self._next_wake:
             self._wakeup.set()
+
+    def _set_due(self, entry_id: int, due: float) -> None:
+        self._due[entry_id] = due
+        heapq.heappush(self._due_order, (due, entry_id))
 
     def forget(self, entry: Entry) -> None:
         self._due.pop(entry.id, None)
@@ -282,7 +290,7 @@ class WriteBack:
                     continue
                 log.debug("the cache is full and nothing is on its way to S3: uploading %r as it stands",
                           entry.object_key)
-            self._due[entry.id] = trio.current_time()
+            self._set_due(entry.id, trio.current_time())
         self._wakeup.set()
         await trio.lowlevel.checkpoint()
 
@@ -298,13 +306,22 @@ class WriteBack:
             task_status.started()
             while True:
                 now = trio.current_time()
-                ready = [(due, entry_id) for entry_id, due in self._due.items()
-                         if due <= now and entry_id not in self._in_flight]
-                for _due, entry_id in sorted(ready):
+                uploading = []  # due again while an upload of theirs runs: looked at in the next pass
+                while self._due_order and self._due_order[0][0] <= now:
+                    due, entry_id = heapq.heappop(self._due_order)
+                    if self._due.get(entry_id) != due:
+                        continue  # rescheduled, forgotten or started since
+                    if entry_id in self._in_flight:
+                        uploading.append((due, entry_id))
+                        continue
                     del self._due[entry_id]
                     self._in_flight.add(entry_id)
                     nursery.start_soon(self._background_upload, entry_id)
-                next_due = min(self._due.values(), default=now + 3600)
+                for pair in uploading:
+                    heapq.heappush(self._due_order, pair)
+                while self._due_order and self._due.get(self._due_order[0][1]) != self._due_order[0][0]:
+                    heapq.heappop(self._due_order)
+                next_due = self._due_order[0][0] if self._due_order else now + 3600
                 self._wakeup = trio.Event()
                 self._next_wake = max(next_due, now + 0.01)
                 with trio.move_on_at(self._next_wake):
@@ -331,7 +348,7 @@ class WriteBack:
             level = logging.WARNING if failures <= 3 or failures % 10 == 0 else logging.DEBUG
             log.log(level, "upload failed (attempt %d, retrying in %.0f s): %s", failures, retry_in, error)
             if entry_id not in self._due:
-                self._due[entry_id] = trio.current_time() + retry_in
+                self._set_due(entry_id, trio.current_time() + retry_in)
         finally:
             self._in_flight.discard(entry_id)
             self._wakeup.set()
