@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -606,6 +607,41 @@ async def test_close_commits_at_once_and_leaves_one_fsync_for_many_to_the_backgr
         assert again is not None and again.dirty
         assert await CachedFile(reopened, again, FakeS3().fetch_range).read(0, 100) == b"file %d" % number
     reopened.close()
+
+
+async def test_a_failed_background_fsync_is_logged_and_done_by_the_next_pass(
+        cache_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The disk refuses the background fsync (EIO): close() has returned already, so the error is
+    logged, nothing is forgotten, and the next pass (the next close, upload or fsync) does it."""
+    cache = make_cache(cache_dir)
+    entry = new_entry(cache, OBJECT)
+    cached = CachedFile(cache, entry, FakeS3().fetch_range)
+    await cached.write(0, b"x" * 5000)
+    await cached.seal_hot()
+    real_fsync, failures_left = os.fsync, [1]
+
+    def fsync_failing_once(fd: int) -> None:
+        if failures_left[0]:
+            failures_left[0] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_failing_once)
+    with caplog.at_level(logging.ERROR, logger="ssefs.cache"):
+        async with trio.open_nursery() as background:
+            await background.start(cache.keep_durable)
+            await cache.sync(entry, wait=False)
+            with trio.fail_after(10):
+                while "cannot make the cache durable" not in caplog.text:
+                    await trio.sleep(0.01)
+            background.cancel_scope.cancel()
+    assert "Input/output error" in caplog.text
+    fsyncs = count_fsyncs(monkeypatch)
+    await cache.make_durable()  # what the failed pass left: the block file, its directory, the journal's log
+    assert len(fsyncs) == 3
+    await cache.make_durable()
+    assert len(fsyncs) == 3
+    cache.close()
 
 
 async def test_a_small_file_create_costs_two_journal_commits(cache_dir: Path) -> None:
