@@ -258,6 +258,10 @@ class WriteBack:
         self._due[entry_id] = due
         heapq.heappush(self._due_order, (due, entry_id))
 
+    def _is_current(self, due: float, entry_id: int) -> bool:
+        """False for a pair of ``_due_order`` whose entry was rescheduled, forgotten or started since."""
+        return self._due.get(entry_id) == due
+
     def forget(self, entry: Entry) -> None:
         self._due.pop(entry.id, None)
         self._failures.pop(entry.id, None)
@@ -309,8 +313,8 @@ class WriteBack:
                 uploading = []  # due again while an upload of theirs runs: looked at in the next pass
                 while self._due_order and self._due_order[0][0] <= now:
                     due, entry_id = heapq.heappop(self._due_order)
-                    if self._due.get(entry_id) != due:
-                        continue  # rescheduled, forgotten or started since
+                    if not self._is_current(due, entry_id):
+                        continue
                     if entry_id in self._in_flight:
                         uploading.append((due, entry_id))
                         continue
@@ -319,7 +323,7 @@ class WriteBack:
                     nursery.start_soon(self._background_upload, entry_id)
                 for pair in uploading:
                     heapq.heappush(self._due_order, pair)
-                while self._due_order and self._due.get(self._due_order[0][1]) != self._due_order[0][0]:
+                while self._due_order and not self._is_current(*self._due_order[0]):
                     heapq.heappop(self._due_order)
                 next_due = self._due_order[0][0] if self._due_order else now + 3600
                 self._wakeup = trio.Event()
